@@ -1,0 +1,357 @@
+//! Compiled tables: what the control plane builds off the fast path and the workers read.
+//!
+//! Everything here is immutable once published. The control plane compiles Kubernetes
+//! objects into a [`ServiceTable`] and the node file into a [`NodeTable`]; workers only look
+//! things up. Service ports are `Arc`ed so that a new generation can reuse the ones whose
+//! inputs did not change (and with them their Maglev tables) without copying.
+
+use core::net::IpAddr;
+use std::sync::Arc;
+
+use hashbrown::{HashMap, HashSet};
+use ipnet::IpNet;
+
+use crate::flow::L4Proto;
+use crate::maglev::MaglevTable;
+
+/// Index of a [`ServicePort`] in its [`ServiceTable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortId(pub u32);
+
+/// What a frontend address is, as Kubernetes names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    ExternalIp,
+    LoadBalancer,
+    NodePort,
+}
+
+impl FrontendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::ExternalIp => "ExternalIP",
+            Self::LoadBalancer => "LoadBalancer",
+            Self::NodePort => "NodePort",
+        }
+    }
+
+    /// Whether externalTrafficPolicy governs traffic to this frontend when it comes from
+    /// outside the cluster (everything but ClusterIP).
+    pub fn is_external(self) -> bool {
+        !matches!(self, Self::ClusterIp)
+    }
+}
+
+/// Where a frame addressed to a service lands: (address, protocol, port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FrontendKey {
+    pub addr: IpAddr,
+    pub proto: L4Proto,
+    pub port: u16,
+}
+
+/// A frontend resolves to one service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frontend {
+    pub kind: FrontendKind,
+    pub service_port: ServicePortId,
+}
+
+/// One endpoint of a service port, as the EndpointSlice says it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// The endpoint runs on this node (its `nodeName` is ours).
+    pub local: bool,
+    /// Maglev weight; 0 takes the endpoint out of the rotation.
+    pub weight: u16,
+}
+
+/// `namespace/name:port-name`, for reports, metrics and errors.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: String,
+}
+
+impl core::fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.port_name.is_empty() {
+            write!(f, "{}/{}", self.namespace, self.name)
+        } else {
+            write!(f, "{}/{}:{}", self.namespace, self.name, self.port_name)
+        }
+    }
+}
+
+/// The per-service-port flags that change how a frame is handled.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServicePolicy {
+    /// externalTrafficPolicy: Local (external traffic only to local endpoints, client
+    /// source preserved, dropped when there are none).
+    pub external_local: bool,
+    /// internalTrafficPolicy: Local.
+    pub internal_local: bool,
+    /// sessionAffinity: ClientIP timeout; 0 means no affinity.
+    pub affinity_timeout_secs: u32,
+    /// loadBalancerSourceRanges; empty means every source is allowed.
+    pub source_ranges: Vec<IpNet>,
+}
+
+/// A service port with its endpoints and the Maglev tables that pick among them.
+#[derive(Debug, Clone)]
+pub struct ServicePort {
+    pub name: ServicePortName,
+    pub proto: L4Proto,
+    /// Every endpoint the slices list for this port; the Maglev tables index into it.
+    pub endpoints: Vec<Backend>,
+    /// Endpoints usable for cluster-wide traffic (ready, or the serving-terminating
+    /// fallback when none is ready).
+    pub cluster_lb: Arc<MaglevTable>,
+    /// The subset of those on this node (traffic policies Local).
+    pub local_lb: Arc<MaglevTable>,
+    pub policy: ServicePolicy,
+}
+
+/// Every frontend of every service, compiled for lookup.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceTable {
+    frontends: HashMap<FrontendKey, Frontend>,
+    cluster_ips: HashSet<IpAddr>,
+    service_ports: Vec<Arc<ServicePort>>,
+    /// Monotonic generation number assigned by the publisher.
+    pub generation: u64,
+}
+
+impl ServiceTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a service port and returns its id.
+    pub fn add_service_port(&mut self, port: Arc<ServicePort>) -> ServicePortId {
+        let id = ServicePortId(self.service_ports.len() as u32);
+        self.service_ports.push(port);
+        id
+    }
+
+    /// Adds a frontend. Returns the frontend already there if the key is taken (the caller
+    /// reports the clash; the first one stays).
+    pub fn add_frontend(&mut self, key: FrontendKey, frontend: Frontend) -> Result<(), Frontend> {
+        if let Some(existing) = self.frontends.get(&key) {
+            return Err(*existing);
+        }
+        if frontend.kind == FrontendKind::ClusterIp {
+            self.cluster_ips.insert(key.addr);
+        }
+        self.frontends.insert(key, frontend);
+        Ok(())
+    }
+
+    #[inline]
+    pub fn frontend(&self, key: &FrontendKey) -> Option<Frontend> {
+        self.frontends.get(key).copied()
+    }
+
+    /// Whether `addr` is an allocated ClusterIP (on any port).
+    #[inline]
+    pub fn is_cluster_ip(&self, addr: &IpAddr) -> bool {
+        self.cluster_ips.contains(addr)
+    }
+
+    #[inline]
+    pub fn service_port(&self, id: ServicePortId) -> &ServicePort {
+        &self.service_ports[id.0 as usize]
+    }
+
+    pub fn service_port_arc(&self, id: ServicePortId) -> &Arc<ServicePort> {
+        &self.service_ports[id.0 as usize]
+    }
+
+    pub fn service_ports(&self) -> impl Iterator<Item = (ServicePortId, &Arc<ServicePort>)> {
+        self.service_ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (ServicePortId(i as u32), p))
+    }
+
+    pub fn frontends(&self) -> impl Iterator<Item = (&FrontendKey, &Frontend)> {
+        self.frontends.iter()
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+}
+
+/// Index of an [`Interface`] in the [`NodeTable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IfaceId(pub u8);
+
+/// What sits behind an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IfaceKind {
+    /// Towards the rest of the network (other nodes, external clients).
+    Uplink,
+    /// A pod's veth on this node.
+    Pod,
+    /// The node's own stack (host processes, hostNetwork pods).
+    Host,
+}
+
+impl IfaceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Uplink => "uplink",
+            Self::Pod => "pod",
+            Self::Host => "host",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub kind: IfaceKind,
+    /// The MAC this node uses as source on this interface.
+    pub mac: [u8; 6],
+}
+
+/// A resolved neighbour: where to send a frame for `addr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Neighbour {
+    pub mac: [u8; 6],
+    pub iface: IfaceId,
+}
+
+/// A route for destinations that are not direct neighbours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub dst: IpNet,
+    /// Next hop, which must be a neighbour.
+    pub via: IpAddr,
+}
+
+/// Where a frame goes next: out of `iface`, from `src_mac` to `dst_mac`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextHop {
+    pub iface: IfaceId,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+/// This node: its addresses, its networks, its interfaces and its neighbours.
+#[derive(Debug, Clone, Default)]
+pub struct NodeTable {
+    pub name: String,
+    /// The node's own addresses; masquerade uses the first one of the frame's family.
+    pub addresses: Vec<IpAddr>,
+    /// Pod networks (local-traffic detection).
+    pub cluster_cidrs: Vec<IpNet>,
+    /// ClusterIP ranges (unallocated addresses in them are dropped).
+    pub service_cidrs: Vec<IpNet>,
+    /// Addresses NodePorts answer on; empty means every node address.
+    pub node_port_addresses: Vec<IpAddr>,
+    pub interfaces: Vec<Interface>,
+    neighbours: HashMap<IpAddr, Neighbour>,
+    /// Longest prefix first.
+    routes: Vec<Route>,
+}
+
+impl NodeTable {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ..Self::default()
+        }
+    }
+
+    pub fn add_interface(&mut self, iface: Interface) -> IfaceId {
+        self.interfaces.push(iface);
+        IfaceId((self.interfaces.len() - 1) as u8)
+    }
+
+    pub fn interface_by_name(&self, name: &str) -> Option<IfaceId> {
+        self.interfaces
+            .iter()
+            .position(|i| i.name == name)
+            .map(|i| IfaceId(i as u8))
+    }
+
+    pub fn interface(&self, id: IfaceId) -> &Interface {
+        &self.interfaces[id.0 as usize]
+    }
+
+    pub fn add_neighbour(&mut self, addr: IpAddr, neighbour: Neighbour) {
+        self.neighbours.insert(addr, neighbour);
+    }
+
+    pub fn neighbour(&self, addr: &IpAddr) -> Option<Neighbour> {
+        self.neighbours.get(addr).copied()
+    }
+
+    pub fn add_route(&mut self, route: Route) {
+        self.routes.push(route);
+        self.routes
+            .sort_by_key(|r| core::cmp::Reverse(r.dst.prefix_len()));
+    }
+
+    /// Resolves where a frame for `dst` goes: an exact neighbour first, then the longest
+    /// matching route whose next hop is a neighbour.
+    #[inline]
+    pub fn next_hop(&self, dst: &IpAddr) -> Option<NextHop> {
+        let n = match self.neighbours.get(dst) {
+            Some(n) => *n,
+            None => {
+                let via = self.routes.iter().find(|r| r.dst.contains(dst))?.via;
+                *self.neighbours.get(&via)?
+            }
+        };
+        Some(NextHop {
+            iface: n.iface,
+            src_mac: self.interfaces[n.iface.0 as usize].mac,
+            dst_mac: n.mac,
+        })
+    }
+
+    #[inline]
+    pub fn is_node_address(&self, addr: &IpAddr) -> bool {
+        self.addresses.contains(addr)
+    }
+
+    /// Whether `addr` is inside a cluster (pod) CIDR.
+    #[inline]
+    pub fn in_cluster(&self, addr: &IpAddr) -> bool {
+        self.cluster_cidrs.iter().any(|c| c.contains(addr))
+    }
+
+    #[inline]
+    pub fn in_service_cidr(&self, addr: &IpAddr) -> bool {
+        self.service_cidrs.iter().any(|c| c.contains(addr))
+    }
+
+    /// The node address masquerade uses for a frame of `addr`'s family, with its index.
+    #[inline]
+    pub fn masquerade_address(&self, like: &IpAddr) -> Option<(u8, IpAddr)> {
+        self.addresses
+            .iter()
+            .position(|a| a.is_ipv4() == like.is_ipv4())
+            .map(|i| (i as u8, self.addresses[i]))
+    }
+
+    /// Addresses NodePorts answer on.
+    pub fn node_port_addresses(&self) -> &[IpAddr] {
+        if self.node_port_addresses.is_empty() {
+            &self.addresses
+        } else {
+            &self.node_port_addresses
+        }
+    }
+}
