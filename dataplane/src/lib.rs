@@ -6,6 +6,14 @@
 //! what lets golden pcap tests, the in-memory TCP test, fuzzing and benchmarks all run the
 //! exact code the workers run.
 
+pub mod checksum;
+pub mod conntrack;
+pub mod driver;
 pub mod flow;
 pub mod maglev;
+pub mod parse;
+pub mod pipeline;
+pub mod reject;
 pub mod tables;
+pub mod verdict;
+pub mod wire;

@@ -125,6 +125,8 @@ pub struct ServicePort {
 pub struct ServiceTable {
     frontends: HashMap<FrontendKey, Frontend>,
     cluster_ips: HashSet<IpAddr>,
+    /// ClusterIPs, ExternalIPs and LoadBalancer IPs (not node addresses).
+    vips: HashSet<IpAddr>,
     service_ports: Vec<Arc<ServicePort>>,
     /// Monotonic generation number assigned by the publisher.
     pub generation: u64,
@@ -151,6 +153,9 @@ impl ServiceTable {
         if frontend.kind == FrontendKind::ClusterIp {
             self.cluster_ips.insert(key.addr);
         }
+        if frontend.kind != FrontendKind::NodePort {
+            self.vips.insert(key.addr);
+        }
         self.frontends.insert(key, frontend);
         Ok(())
     }
@@ -164,6 +169,12 @@ impl ServiceTable {
     #[inline]
     pub fn is_cluster_ip(&self, addr: &IpAddr) -> bool {
         self.cluster_ips.contains(addr)
+    }
+
+    /// Whether `addr` is a service's own address (ClusterIP, ExternalIP, LoadBalancer IP).
+    #[inline]
+    pub fn is_vip(&self, addr: &IpAddr) -> bool {
+        self.vips.contains(addr)
     }
 
     #[inline]
@@ -243,6 +254,7 @@ pub struct Route {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NextHop {
     pub iface: IfaceId,
+    pub iface_kind: IfaceKind,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
 }
@@ -314,9 +326,11 @@ impl NodeTable {
                 *self.neighbours.get(&via)?
             }
         };
+        let iface = self.interfaces.get(n.iface.0 as usize)?;
         Some(NextHop {
             iface: n.iface,
-            src_mac: self.interfaces[n.iface.0 as usize].mac,
+            iface_kind: iface.kind,
+            src_mac: iface.mac,
             dst_mac: n.mac,
         })
     }

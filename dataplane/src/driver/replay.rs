@@ -1,0 +1,207 @@
+//! pcap replay: frames from a capture run through one worker, in order, with the clock
+//! taken from the capture's timestamps. Forwarded and generated frames go to an output
+//! capture; every input frame yields one [`ReplayRecord`].
+
+use core::net::IpAddr;
+use std::io::{Read, Write};
+
+use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
+use pcap_file::DataLink;
+
+use crate::parse::{parse, Parsed};
+use crate::pipeline::{Tables, Worker, BATCH_SIZE};
+use crate::reject::REJECT_SCRATCH_LEN;
+use crate::tables::{IfaceId, IfaceKind, NodeTable};
+use crate::verdict::Verdict;
+
+/// Which interface a replayed frame is taken to have arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngressMode {
+    /// From its source address: one of the node's own addresses -> the host interface; an
+    /// address in a cluster CIDR -> that pod's veth (by neighbour entry, else the first pod
+    /// interface); anything else -> the uplink it is a neighbour on, else the first uplink.
+    Auto,
+    /// Every frame arrives on this interface.
+    Fixed(IfaceId),
+}
+
+/// Addresses and ports of an emitted frame, as written on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// Ports, for TCP/UDP/SCTP.
+    pub ports: Option<(u16, u16)>,
+}
+
+/// What happened to one input frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayRecord {
+    /// 0-based index in the input capture.
+    pub index: usize,
+    pub ingress: IfaceId,
+    pub verdict: Verdict,
+    /// Addresses of the emitted frame (forwarded or generated), if any.
+    pub emitted: Option<Endpoints>,
+}
+
+#[derive(Debug)]
+pub enum ReplayError {
+    Pcap(pcap_file::PcapError),
+    /// The input is not an Ethernet capture.
+    LinkType(DataLink),
+    /// The node table has no interface to take frames from.
+    NoInterface,
+}
+
+impl core::fmt::Display for ReplayError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Pcap(e) => write!(f, "pcap: {e}"),
+            Self::LinkType(l) => write!(
+                f,
+                "input capture has link type {l:?}; kxp replays Ethernet (DLT_EN10MB) only"
+            ),
+            Self::NoInterface => write!(f, "the node file declares no interfaces"),
+        }
+    }
+}
+
+impl std::error::Error for ReplayError {}
+
+impl From<pcap_file::PcapError> for ReplayError {
+    fn from(e: pcap_file::PcapError) -> Self {
+        Self::Pcap(e)
+    }
+}
+
+/// Picks the ingress interface for a frame in [`IngressMode::Auto`].
+pub fn auto_ingress(node: &NodeTable, frame: &[u8]) -> Option<IfaceId> {
+    let first = |kind: IfaceKind| {
+        node.interfaces
+            .iter()
+            .position(|i| i.kind == kind)
+            .map(|i| IfaceId(i as u8))
+    };
+    let src = match parse(frame) {
+        Ok(Parsed::Transport { key, .. }) => Some(key.src),
+        _ => frame_endpoints(frame).map(|e| e.src),
+    };
+    let by_neighbour = |a: &IpAddr, kind: IfaceKind| {
+        node.neighbour(a)
+            .filter(|n| {
+                node.interfaces
+                    .get(n.iface.0 as usize)
+                    .is_some_and(|i| i.kind == kind)
+            })
+            .map(|n| n.iface)
+    };
+    match src {
+        Some(a) if node.is_node_address(&a) => {
+            first(IfaceKind::Host).or_else(|| first(IfaceKind::Uplink))
+        }
+        Some(a) if node.in_cluster(&a) => by_neighbour(&a, IfaceKind::Pod)
+            .or_else(|| by_neighbour(&a, IfaceKind::Uplink))
+            .or_else(|| first(IfaceKind::Pod)),
+        Some(a) => by_neighbour(&a, IfaceKind::Uplink).or_else(|| first(IfaceKind::Uplink)),
+        None => first(IfaceKind::Uplink),
+    }
+    .or_else(|| (!node.interfaces.is_empty()).then_some(IfaceId(0)))
+}
+
+/// Addresses of a frame as it is on the wire.
+pub fn frame_endpoints(frame: &[u8]) -> Option<Endpoints> {
+    match parse(frame).ok()? {
+        Parsed::Transport { key, .. } => Some(Endpoints {
+            src: key.src,
+            dst: key.dst,
+            ports: Some((key.sport, key.dport)),
+        }),
+        Parsed::IcmpError { layout, .. } | Parsed::OtherIp { layout, .. } => {
+            let (s, d) = if layout.is_ipv4() {
+                (
+                    layout.l3 + 12..layout.l3 + 16,
+                    layout.l3 + 16..layout.l3 + 20,
+                )
+            } else {
+                (
+                    layout.l3 + 8..layout.l3 + 24,
+                    layout.l3 + 24..layout.l3 + 40,
+                )
+            };
+            Some(Endpoints {
+                src: crate::wire::read_addr(frame, s),
+                dst: crate::wire::read_addr(frame, d),
+                ports: None,
+            })
+        }
+        Parsed::Fragment { src, dst } => Some(Endpoints {
+            src,
+            dst,
+            ports: None,
+        }),
+        _ => None,
+    }
+}
+
+/// Replays `input` through `worker`, writing emitted frames to `output` and handing each
+/// frame's record to `on_record`. Returns the number of input frames.
+pub fn replay<R: Read, W: Write>(
+    tables: &Tables,
+    worker: &mut Worker,
+    input: R,
+    output: W,
+    ingress: IngressMode,
+    mut on_record: impl FnMut(ReplayRecord),
+) -> Result<usize, ReplayError> {
+    if tables.node.interfaces.is_empty() {
+        return Err(ReplayError::NoInterface);
+    }
+    let mut reader = PcapReader::new(input)?;
+    let header = reader.header();
+    if header.datalink != DataLink::ETHERNET {
+        return Err(ReplayError::LinkType(header.datalink));
+    }
+    let mut writer = PcapWriter::with_header(output, header)?;
+    let mut scratch = vec![0u8; REJECT_SCRATCH_LEN];
+    let mut buf = Vec::with_capacity(65536);
+    let mut index = 0usize;
+    while let Some(pkt) = reader.next_packet() {
+        let pkt = pkt?;
+        let now_ns = pkt.timestamp.as_nanos() as u64;
+        buf.clear();
+        buf.extend_from_slice(&pkt.data);
+        let iface = match ingress {
+            IngressMode::Fixed(i) => i,
+            IngressMode::Auto => auto_ingress(&tables.node, &buf).unwrap_or(IfaceId(0)),
+        };
+        let verdict = worker.process(tables, &mut buf, iface, now_ns, &mut scratch);
+        let emitted_bytes: Option<&[u8]> = match verdict {
+            Verdict::Forward { start, len, .. } => Some(&buf[start..start + len]),
+            Verdict::Reject { len, .. } => Some(&scratch[..len]),
+            _ => None,
+        };
+        let emitted = emitted_bytes.and_then(|b| {
+            writer
+                .write_packet(&PcapPacket::new(pkt.timestamp, b.len() as u32, b))
+                .map(|_| frame_endpoints(b))
+                .transpose()
+        });
+        let emitted = match emitted {
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(e)) => Some(e),
+            None => None,
+        };
+        on_record(ReplayRecord {
+            index,
+            ingress: iface,
+            verdict,
+            emitted,
+        });
+        index += 1;
+        if index % BATCH_SIZE == 0 {
+            worker.housekeeping(now_ns);
+        }
+    }
+    Ok(index)
+}

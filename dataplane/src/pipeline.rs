@@ -1,0 +1,624 @@
+//! The per-frame pipeline a worker runs: parse -> conntrack -> classify -> choose a backend
+//! (ClientIP affinity, then Maglev) -> NAT -> next hop -> verdict.
+//!
+//! Pure: a frame, the published [`Tables`] and `now` in; the frame rewritten in place and a
+//! [`Verdict`] out. One [`Worker`] owns its conntrack table, its affinity table, its SNAT
+//! port range and its counters; nothing is shared with other workers, so nothing locks. No
+//! allocation happens per frame: tables are pre-sized when the worker is built.
+
+use core::net::IpAddr;
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+
+use crate::conntrack::{Conntrack, ConntrackConfig, Direction, NatBinding, SnatBinding};
+use crate::flow::{FlowKey, L4Proto};
+use crate::parse::{parse, Parsed, Quoted};
+use crate::reject;
+use crate::tables::{
+    Backend, Frontend, FrontendKey, FrontendKind, IfaceId, IfaceKind, NodeTable, ServicePortId,
+    ServiceTable,
+};
+use crate::verdict::{Counters, DropReason, ForwardReason, PassReason, RejectReason, Verdict};
+use crate::wire::{eth, proto, tcp_flags, FrameMut, Layout};
+
+/// Frames a worker takes per batch (and the unit housekeeping is interleaved with).
+pub const BATCH_SIZE: usize = 64;
+
+/// One published generation: what the workers read.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    pub services: Arc<ServiceTable>,
+    pub node: Arc<NodeTable>,
+}
+
+/// How a worker is set up.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// This worker's index among `worker_count`; it owns the `index`-th share of the SNAT
+    /// port range so that replies can be steered back to it by destination port.
+    pub index: u16,
+    pub worker_count: u16,
+    /// Masquerade source ports, inclusive, shared out among the workers.
+    pub snat_ports: (u16, u16),
+    /// Ports probed for a free masquerade tuple before the flow is dropped (fail fast).
+    pub snat_probe_limit: u16,
+    /// kube-proxy's masqueradeAll.
+    pub masquerade_all: bool,
+    pub conntrack: ConntrackConfig,
+    /// ClientIP affinity entries kept per worker.
+    pub affinity_capacity: usize,
+    /// Conntrack slots examined by each housekeeping pass.
+    pub gc_budget: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            index: 0,
+            worker_count: 1,
+            snat_ports: (32768, 60999),
+            snat_probe_limit: 64,
+            masquerade_all: false,
+            conntrack: ConntrackConfig::default(),
+            affinity_capacity: 65536,
+            gc_budget: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct AffinityEntry {
+    backend: IpAddr,
+    port: u16,
+    expires_s: u64,
+}
+
+/// A worker's state: everything one poll loop owns.
+#[derive(Debug)]
+pub struct Worker {
+    cfg: WorkerConfig,
+    pub conntrack: Conntrack,
+    affinity: HashMap<(IpAddr, ServicePortId), AffinityEntry>,
+    pub counters: Counters,
+    snat_lo: u16,
+    snat_span: u16,
+}
+
+impl Worker {
+    pub fn new(cfg: WorkerConfig) -> Self {
+        let (lo, hi) = cfg.snat_ports;
+        let count = cfg.worker_count.max(1) as u32;
+        let span = ((hi.saturating_sub(lo) as u32 + 1) / count).max(1);
+        let snat_lo = (lo as u32 + cfg.index as u32 * span).min(u16::MAX as u32) as u16;
+        Self {
+            conntrack: Conntrack::new(cfg.conntrack.clone()),
+            affinity: HashMap::with_capacity(cfg.affinity_capacity),
+            counters: Counters::default(),
+            snat_lo,
+            snat_span: span.min(u16::MAX as u32) as u16,
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &WorkerConfig {
+        &self.cfg
+    }
+
+    /// This worker's masquerade ports, inclusive.
+    pub fn snat_port_range(&self) -> (u16, u16) {
+        (self.snat_lo, self.snat_lo + (self.snat_span - 1))
+    }
+
+    /// Runs one frame through the pipeline. `frame` is rewritten in place for forwarded
+    /// frames; a reject's answer is written to `scratch` (at least
+    /// [`reject::REJECT_SCRATCH_LEN`] bytes).
+    #[inline]
+    pub fn process(
+        &mut self,
+        tables: &Tables,
+        frame: &mut [u8],
+        ingress: IfaceId,
+        now_ns: u64,
+        scratch: &mut [u8],
+    ) -> Verdict {
+        let v = self.classify(tables, frame, ingress, now_ns, scratch);
+        self.counters.count(&v);
+        v
+    }
+
+    /// Work between batches: bounded conntrack and affinity expiry.
+    pub fn housekeeping(&mut self, now_ns: u64) {
+        self.conntrack.gc(now_ns, self.cfg.gc_budget);
+        if self.affinity.len() * 2 > self.cfg.affinity_capacity {
+            let now_s = now_ns / 1_000_000_000;
+            self.affinity.retain(|_, e| e.expires_s > now_s);
+        }
+    }
+
+    fn classify(
+        &mut self,
+        t: &Tables,
+        frame: &mut [u8],
+        ingress: IfaceId,
+        now_ns: u64,
+        scratch: &mut [u8],
+    ) -> Verdict {
+        let parsed = match parse(frame) {
+            Ok(p) => p,
+            Err(reason) => return Verdict::Drop(reason),
+        };
+        match parsed {
+            Parsed::NotIp => Verdict::Pass(PassReason::NotIp),
+            Parsed::StackedVlan => Verdict::Pass(PassReason::StackedVlan),
+            Parsed::Fragment { dst, .. } => {
+                if t.services.is_vip(&dst) {
+                    Verdict::Drop(DropReason::Fragment)
+                } else {
+                    Verdict::Pass(PassReason::Fragment)
+                }
+            }
+            Parsed::OtherIp { layout, .. } => {
+                self.note_layout(&layout);
+                if layout.proto == proto::ICMP || layout.proto == proto::ICMPV6 {
+                    Verdict::Pass(PassReason::IcmpNotTracked)
+                } else {
+                    Verdict::Pass(PassReason::OtherProtocol)
+                }
+            }
+            Parsed::Transport {
+                layout,
+                key,
+                tcp_flags,
+            } => {
+                self.note_layout(&layout);
+                self.transport(t, frame, layout, key, tcp_flags, ingress, now_ns, scratch)
+            }
+            Parsed::IcmpError { layout, inner } => {
+                self.note_layout(&layout);
+                self.icmp_error(t, frame, layout, inner, now_ns)
+            }
+        }
+    }
+
+    #[inline]
+    fn note_layout(&mut self, layout: &Layout) {
+        if layout.l3 != eth::HEADER_LEN {
+            self.counters.vlan_tagged += 1;
+        }
+        if layout.is_ipv4() && layout.l4 - layout.l3 > 20 {
+            self.counters.ipv4_options += 1;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn transport(
+        &mut self,
+        t: &Tables,
+        frame: &mut [u8],
+        layout: Layout,
+        key: FlowKey,
+        flags: u8,
+        ingress: IfaceId,
+        now_ns: u64,
+        scratch: &mut [u8],
+    ) -> Verdict {
+        if let Some(m) = self.conntrack.lookup(&key, now_ns) {
+            let (src, sport, dst, dport, reason) = match m.dir {
+                Direction::Original => {
+                    let (s, sp) = m
+                        .nat
+                        .snat
+                        .map_or((key.src, key.sport), |s| (s.addr, s.port));
+                    (
+                        s,
+                        sp,
+                        m.nat.backend,
+                        m.nat.backend_port,
+                        ForwardReason::Established,
+                    )
+                }
+                Direction::Reply => (
+                    m.orig.dst,
+                    m.orig.dport,
+                    m.orig.src,
+                    m.orig.sport,
+                    ForwardReason::Reply,
+                ),
+            };
+            let hop = match prepare_forward(&t.node, frame, &layout, dst) {
+                Ok(h) => h,
+                Err(r) => return Verdict::Drop(r),
+            };
+            self.conntrack.on_packet(m.id, m.dir, flags, now_ns);
+            return finish_forward(frame, layout, hop, (src, sport), (dst, dport), reason);
+        }
+        let fk = FrontendKey {
+            addr: key.dst,
+            proto: key.proto,
+            port: key.dport,
+        };
+        match t.services.frontend(&fk) {
+            Some(fe) => self.new_flow(t, frame, layout, key, flags, fe, ingress, now_ns, scratch),
+            None if t.services.is_cluster_ip(&key.dst) => self.reject(
+                t,
+                frame,
+                layout,
+                ingress,
+                RejectReason::UnknownPort,
+                scratch,
+            ),
+            None if t.node.in_service_cidr(&key.dst) => {
+                Verdict::Drop(DropReason::UnallocatedServiceIp)
+            }
+            None => Verdict::Pass(PassReason::NotService),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_flow(
+        &mut self,
+        t: &Tables,
+        frame: &mut [u8],
+        layout: Layout,
+        key: FlowKey,
+        flags: u8,
+        fe: Frontend,
+        ingress: IfaceId,
+        now_ns: u64,
+        scratch: &mut [u8],
+    ) -> Verdict {
+        let sp = t.services.service_port(fe.service_port);
+        let node = &*t.node;
+        if fe.kind == FrontendKind::LoadBalancer
+            && !sp.policy.source_ranges.is_empty()
+            && !sp.policy.source_ranges.iter().any(|r| r.contains(&key.src))
+        {
+            return Verdict::Drop(DropReason::SourceRangeDenied);
+        }
+        let src_in_cluster = node.in_cluster(&key.src);
+        let src_is_node =
+            node.is_node_address(&key.src) || node.interface(ingress).kind == IfaceKind::Host;
+        // Which endpoints, by kube-proxy's rules: external traffic under policy Local goes
+        // to local endpoints only, except from pods and the node itself, which take the
+        // cluster-wide set; internalTrafficPolicy Local narrows ClusterIP traffic.
+        let local_only = if fe.kind.is_external() {
+            sp.policy.external_local && !src_in_cluster && !src_is_node
+        } else {
+            sp.policy.internal_local
+        };
+        let lb = if local_only {
+            &sp.local_lb
+        } else {
+            &sp.cluster_lb
+        };
+        if lb.is_empty() {
+            return if sp.cluster_lb.is_empty() {
+                self.reject(
+                    t,
+                    frame,
+                    layout,
+                    ingress,
+                    RejectReason::NoEndpoints,
+                    scratch,
+                )
+            } else {
+                Verdict::Drop(DropReason::NoLocalEndpoints)
+            };
+        }
+        let backend = match self.sticky_backend(
+            sp.policy.affinity_timeout_secs,
+            &key,
+            fe,
+            sp,
+            local_only,
+            now_ns,
+        ) {
+            Some(b) => b,
+            None => {
+                let Some(i) = lb.lookup(key.lb_hash()) else {
+                    return Verdict::Drop(DropReason::NoLocalEndpoints);
+                };
+                let Some(b) = sp.endpoints.get(i as usize) else {
+                    return Verdict::Drop(DropReason::NoLocalEndpoints);
+                };
+                (b.addr, b.port)
+            }
+        };
+        let masquerade = backend.0 == key.src
+            || self.cfg.masquerade_all
+            || match fe.kind {
+                FrontendKind::ClusterIp => !node.cluster_cidrs.is_empty() && !src_in_cluster,
+                _ => !sp.policy.external_local || src_is_node,
+            };
+        let hop = match prepare_forward(node, frame, &layout, backend.0) {
+            Ok(h) => h,
+            Err(r) => return Verdict::Drop(r),
+        };
+        let is_tcp = key.proto == L4Proto::Tcp;
+        let track = !(is_tcp && flags & tcp_flags::RST != 0 && flags & tcp_flags::SYN == 0);
+        let snat = if masquerade {
+            let Some((_, addr)) = node.masquerade_address(&key.src) else {
+                return Verdict::Drop(DropReason::NoMasqueradeAddress);
+            };
+            match self.allocate_snat_port(&key, addr, backend, now_ns) {
+                Some(port) => Some(SnatBinding { addr, port }),
+                None => return Verdict::Drop(DropReason::SnatPortsExhausted),
+            }
+        } else {
+            None
+        };
+        let reason = if track {
+            let nat = NatBinding {
+                backend: backend.0,
+                backend_port: backend.1,
+                snat,
+                service_port: fe.service_port,
+            };
+            match self
+                .conntrack
+                .insert(&key, nat, if is_tcp { flags } else { 0 }, now_ns)
+            {
+                Ok(_) => {}
+                Err(crate::conntrack::InsertError::Full) => {
+                    return Verdict::Drop(DropReason::ConntrackFull)
+                }
+                Err(crate::conntrack::InsertError::Exists) => {
+                    return Verdict::Drop(DropReason::ReplyTupleClash)
+                }
+                Err(crate::conntrack::InsertError::AddressFamily) => {
+                    return Verdict::Drop(DropReason::FamilyMismatch)
+                }
+            }
+            if sp.policy.affinity_timeout_secs > 0 {
+                self.remember_affinity(
+                    &key,
+                    fe.service_port,
+                    backend,
+                    sp.policy.affinity_timeout_secs,
+                    now_ns,
+                );
+            }
+            ForwardReason::NewFlow
+        } else {
+            ForwardReason::Untracked
+        };
+        let src = snat.map_or((key.src, key.sport), |s| (s.addr, s.port));
+        finish_forward(frame, layout, hop, src, backend, reason)
+    }
+
+    /// The backend ClientIP affinity pins this client to, if it is still usable.
+    fn sticky_backend(
+        &mut self,
+        timeout_secs: u32,
+        key: &FlowKey,
+        fe: Frontend,
+        sp: &crate::tables::ServicePort,
+        local_only: bool,
+        now_ns: u64,
+    ) -> Option<(IpAddr, u16)> {
+        if timeout_secs == 0 {
+            return None;
+        }
+        let e = self.affinity.get(&(key.src, fe.service_port))?;
+        if e.expires_s <= now_ns / 1_000_000_000 {
+            return None;
+        }
+        let b: &Backend = sp
+            .endpoints
+            .iter()
+            .find(|b| b.addr == e.backend && b.port == e.port)?;
+        let usable =
+            b.weight > 0 && (b.ready || (b.serving && b.terminating)) && (!local_only || b.local);
+        usable.then_some((b.addr, b.port))
+    }
+
+    fn remember_affinity(
+        &mut self,
+        key: &FlowKey,
+        id: ServicePortId,
+        backend: (IpAddr, u16),
+        timeout_secs: u32,
+        now_ns: u64,
+    ) {
+        let entry = AffinityEntry {
+            backend: backend.0,
+            port: backend.1,
+            expires_s: now_ns / 1_000_000_000 + timeout_secs as u64,
+        };
+        let k = (key.src, id);
+        if let Some(e) = self.affinity.get_mut(&k) {
+            *e = entry;
+        } else if self.affinity.len() < self.cfg.affinity_capacity {
+            self.affinity.insert(k, entry);
+        } else {
+            self.counters.affinity_full += 1;
+        }
+    }
+
+    /// A masquerade port in this worker's share whose reply tuple is free, probing a
+    /// bounded number from a start derived from the flow hash; `None` when all probed are
+    /// taken (the caller drops and counts: fail fast rather than search).
+    fn allocate_snat_port(
+        &self,
+        key: &FlowKey,
+        addr: IpAddr,
+        backend: (IpAddr, u16),
+        now_ns: u64,
+    ) -> Option<u16> {
+        let span = self.snat_span as u64;
+        let start = (key.lb_hash() >> 20) % span;
+        for i in 0..(self.cfg.snat_probe_limit as u64).min(span) {
+            let port = self.snat_lo + ((start + i) % span) as u16;
+            let reply = FlowKey {
+                src: backend.0,
+                dst: addr,
+                sport: backend.1,
+                dport: port,
+                proto: key.proto,
+            };
+            if !self.conntrack.reply_tuple_in_use(&reply, now_ns) {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    fn reject(
+        &mut self,
+        t: &Tables,
+        frame: &mut [u8],
+        layout: Layout,
+        ingress: IfaceId,
+        reason: RejectReason,
+        scratch: &mut [u8],
+    ) -> Verdict {
+        let view = FrameMut::new(frame, layout);
+        let mac = t.node.interface(ingress).mac;
+        match reject::port_unreachable(&view, mac, scratch) {
+            Some(len) => Verdict::Reject {
+                iface: ingress,
+                len,
+                reason,
+            },
+            None => Verdict::Drop(DropReason::RejectNotPossible),
+        }
+    }
+
+    /// An ICMP error quoting a packet of a tracked flow: rewrite the quoted packet and the
+    /// outer header as the flow's NAT dictates and send it on towards the flow's other end.
+    fn icmp_error(
+        &mut self,
+        t: &Tables,
+        frame: &mut [u8],
+        layout: Layout,
+        inner: Quoted,
+        now_ns: u64,
+    ) -> Verdict {
+        // The quoted packet travelled the opposite way to this error.
+        let Some(m) = self.conntrack.lookup(&inner.key.reversed(), now_ns) else {
+            return Verdict::Pass(PassReason::IcmpNotTracked);
+        };
+        let outer_src = FrameMut::new(frame, layout).src_addr();
+        let (q_src, q_dst, outer_dst, new_outer_src) = match m.dir {
+            // Quote = a packet we sent to the backend; the error goes back to the client.
+            Direction::Reply => {
+                let q_src = (m.orig.src, m.orig.sport);
+                let q_dst = (m.orig.dst, m.orig.dport);
+                let os = if outer_src == m.nat.backend {
+                    m.orig.dst
+                } else {
+                    outer_src
+                };
+                (q_src, q_dst, m.orig.src, os)
+            }
+            // Quote = a packet we sent to the client; the error goes to the backend.
+            Direction::Original => {
+                let q_src = (m.nat.backend, m.nat.backend_port);
+                let q_dst = m
+                    .nat
+                    .snat
+                    .map_or((m.orig.src, m.orig.sport), |s| (s.addr, s.port));
+                let os = match m.nat.snat {
+                    Some(s) if outer_src == m.orig.src => s.addr,
+                    _ => outer_src,
+                };
+                (q_src, q_dst, m.nat.backend, os)
+            }
+        };
+        let hop = match prepare_forward(&t.node, frame, &layout, outer_dst) {
+            Ok(h) => h,
+            Err(r) => return Verdict::Drop(r),
+        };
+        {
+            let mut q = FrameMut::new(frame, inner.layout);
+            q.set_addr(true, q_src.0);
+            q.set_addr(false, q_dst.0);
+            q.set_port(true, q_src.1);
+            q.set_port(false, q_dst.1);
+        }
+        let mut f = FrameMut::new(frame, layout);
+        f.set_addr(true, new_outer_src);
+        f.set_addr(false, outer_dst);
+        recompute_icmp_checksum(&mut f);
+        finish_frame(frame, layout, hop, ForwardReason::IcmpRelated)
+    }
+}
+
+/// Next hop and TTL for a frame about to be routed to `dst`; nothing is written yet
+/// except the TTL, so a refusal leaves the frame as it came.
+#[inline]
+fn prepare_forward(
+    node: &NodeTable,
+    frame: &mut [u8],
+    layout: &Layout,
+    dst: IpAddr,
+) -> Result<crate::tables::NextHop, DropReason> {
+    let hop = node.next_hop(&dst).ok_or(DropReason::NoRoute)?;
+    if !FrameMut::new(frame, *layout).decrement_ttl() {
+        return Err(DropReason::TtlExceeded);
+    }
+    Ok(hop)
+}
+
+#[inline]
+fn finish_forward(
+    frame: &mut [u8],
+    layout: Layout,
+    hop: crate::tables::NextHop,
+    src: (IpAddr, u16),
+    dst: (IpAddr, u16),
+    reason: ForwardReason,
+) -> Verdict {
+    let mut f = FrameMut::new(frame, layout);
+    f.set_addr(true, src.0);
+    f.set_addr(false, dst.0);
+    f.set_port(true, src.1);
+    f.set_port(false, dst.1);
+    if layout.proto == proto::SCTP {
+        f.fix_sctp_checksum();
+    }
+    finish_frame(frame, layout, hop, reason)
+}
+
+/// MACs for the next hop, and the VLAN tag removed unless the frame leaves by an uplink.
+#[inline]
+fn finish_frame(
+    frame: &mut [u8],
+    layout: Layout,
+    hop: crate::tables::NextHop,
+    reason: ForwardReason,
+) -> Verdict {
+    let mut start = 0;
+    if layout.l3 != eth::HEADER_LEN && hop.iface_kind != IfaceKind::Uplink {
+        frame.copy_within(0..12, eth::VLAN_TAG_LEN);
+        start = eth::VLAN_TAG_LEN;
+    }
+    frame[start..start + 6].copy_from_slice(&hop.dst_mac);
+    frame[start + 6..start + 12].copy_from_slice(&hop.src_mac);
+    Verdict::Forward {
+        iface: hop.iface,
+        start,
+        len: layout.end - start,
+        reason,
+    }
+}
+
+fn recompute_icmp_checksum(f: &mut FrameMut<'_>) {
+    let l = f.layout;
+    f.buf[l.l4 + 2..l.l4 + 4].fill(0);
+    let pseudo = if l.is_ipv4() {
+        0
+    } else {
+        let src = crate::wire::addr_bytes(&f.src_addr());
+        let dst = crate::wire::addr_bytes(&f.dst_addr());
+        crate::checksum::pseudo_header_sum(
+            src.as_slice(),
+            dst.as_slice(),
+            proto::ICMPV6,
+            l.l4_len() as u32,
+        )
+    };
+    let c = crate::checksum::checksum(pseudo, &f.buf[l.l4..l.end]);
+    f.buf[l.l4 + 2..l.l4 + 4].copy_from_slice(&c.to_be_bytes());
+}
