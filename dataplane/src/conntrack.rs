@@ -1231,3 +1231,1041 @@ fn secs_since(epoch_ns: u64, now_ns: u64) -> u32 {
     let s = now_ns.saturating_sub(epoch_ns) / 1_000_000_000;
     u32::try_from(s).unwrap_or(u32::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const S: u64 = 1_000_000_000;
+    /// An arbitrary epoch with a sub-second part.
+    const T0: u64 = 7 * S + 250_000_000;
+    const TCP: L4Proto = L4Proto::Tcp;
+    const UDP: L4Proto = L4Proto::Udp;
+
+    fn at(secs: u64) -> u64 {
+        T0 + secs * S
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn key(src: &str, sport: u16, dst: &str, dport: u16, proto: L4Proto) -> FlowKey {
+        FlowKey {
+            src: ip(src),
+            dst: ip(dst),
+            sport,
+            dport,
+            proto,
+        }
+    }
+
+    fn nat(backend: &str, backend_port: u16, snat: Option<(&str, u16)>) -> NatBinding {
+        NatBinding {
+            backend: ip(backend),
+            backend_port,
+            snat: snat.map(|(a, p)| SnatBinding {
+                addr: ip(a),
+                port: p,
+            }),
+            service_port: ServicePortId(7),
+        }
+    }
+
+    /// The reply tuple, computed independently of the implementation.
+    fn reply_of(orig: &FlowKey, nat: &NatBinding) -> FlowKey {
+        let (dst, dport) = match nat.snat {
+            Some(s) => (s.addr, s.port),
+            None => (orig.src, orig.sport),
+        };
+        FlowKey {
+            src: nat.backend,
+            dst,
+            sport: nat.backend_port,
+            dport,
+            proto: orig.proto,
+        }
+    }
+
+    fn cfg(capacity: usize) -> ConntrackConfig {
+        ConntrackConfig {
+            capacity,
+            capacity_v6: capacity,
+            ..ConntrackConfig::default()
+        }
+    }
+
+    fn new_ct(capacity: usize) -> Conntrack {
+        let mut ct = Conntrack::new(cfg(capacity));
+        ct.gc(at(0), 0); // start the clock at T0
+        ct
+    }
+
+    fn check_both_directions(orig: FlowKey, n: NatBinding) {
+        let mut ct = new_ct(16);
+        let id = ct.insert(&orig, n, tcp_flags::SYN, at(0)).unwrap();
+        let reply = reply_of(&orig, &n);
+
+        let m = ct.lookup(&orig, at(1)).expect("original direction");
+        assert_eq!(
+            (m.id, m.dir, m.orig, m.nat),
+            (id, Direction::Original, orig, n)
+        );
+        assert_eq!(m.tcp_state, TcpState::SynSent);
+
+        let m = ct.lookup(&reply, at(1)).expect("reply direction");
+        assert_eq!(
+            (m.id, m.dir, m.orig, m.nat),
+            (id, Direction::Reply, orig, n)
+        );
+
+        // Neither the reversed original tuple nor a reply to the frontend is the flow.
+        assert!(ct.lookup(&orig.reversed(), at(1)).is_none());
+        let to_frontend = FlowKey {
+            dst: orig.dst,
+            dport: orig.dport,
+            ..reply
+        };
+        assert!(ct.lookup(&to_frontend, at(1)).is_none());
+        if n.snat.is_some() {
+            // With SNAT, a reply straight to the client is not the flow's reply.
+            assert!(ct.lookup(&orig.reversed(), at(1)).is_none());
+            let to_client = FlowKey {
+                dst: orig.src,
+                dport: orig.sport,
+                ..reply
+            };
+            assert!(ct.lookup(&to_client, at(1)).is_none());
+        }
+        // Other protocol, other port: no match.
+        assert!(ct.lookup(&FlowKey { proto: UDP, ..orig }, at(1)).is_none());
+        assert!(ct
+            .lookup(
+                &FlowKey {
+                    sport: orig.sport + 1,
+                    ..orig
+                },
+                at(1)
+            )
+            .is_none());
+        assert_eq!(ct.len(), 1);
+    }
+
+    #[test]
+    fn lookup_from_both_directions_v4() {
+        let orig = key("10.0.0.1", 40000, "10.96.0.10", 80, TCP);
+        check_both_directions(orig, nat("10.1.0.5", 8080, None));
+        check_both_directions(orig, nat("10.1.0.5", 8080, Some(("192.168.0.1", 61000))));
+    }
+
+    #[test]
+    fn lookup_from_both_directions_v6() {
+        let orig = key("fd00::1", 40000, "fd00:96::10", 80, TCP);
+        check_both_directions(orig, nat("fd00:1::5", 8080, None));
+        check_both_directions(orig, nat("fd00:1::5", 8080, Some(("fd00:ff::1", 61000))));
+    }
+
+    #[test]
+    fn families_are_separate_and_never_mixed() {
+        let mut ct = new_ct(16);
+        let v4 = key("10.0.0.1", 1, "10.96.0.10", 80, UDP);
+        let v6 = key("fd00::1", 1, "fd00:96::10", 80, UDP);
+        let a = ct.insert(&v4, nat("10.1.0.5", 80, None), 0, at(0)).unwrap();
+        let b = ct
+            .insert(&v6, nat("fd00:1::5", 80, None), 0, at(0))
+            .unwrap();
+        assert_ne!(a, b);
+        assert_eq!(ct.lookup(&v4, at(0)).unwrap().id, a);
+        assert_eq!(ct.lookup(&v6, at(0)).unwrap().id, b);
+        assert_eq!(
+            ct.insert(&v4, nat("fd00:1::5", 80, None), 0, at(0)),
+            Err(InsertError::AddressFamily)
+        );
+        let mixed = key("10.0.0.2", 1, "fd00:96::10", 80, UDP);
+        assert_eq!(
+            ct.insert(&mixed, nat("10.1.0.5", 80, None), 0, at(0)),
+            Err(InsertError::AddressFamily)
+        );
+        assert_eq!(
+            ct.insert(
+                &key("10.0.0.3", 1, "10.96.0.10", 80, UDP),
+                nat("10.1.0.5", 80, Some(("fd00::9", 5))),
+                0,
+                at(0)
+            ),
+            Err(InsertError::AddressFamily)
+        );
+        assert!(ct.lookup(&mixed, at(0)).is_none());
+        assert!(!ct.reply_tuple_in_use(&mixed, at(0)));
+        assert_eq!(ct.len(), 2);
+        assert_eq!(ct.capacity(), 32);
+    }
+
+    /// Drives a fresh flow through `packets` (at second 10 each), then checks it lives
+    /// exactly its `timeout` (1 s granularity) and returns the final state.
+    fn drive(first: u8, packets: &[(Direction, u8)], ct_cfg: ConntrackConfig) -> TcpState {
+        let mut ct = Conntrack::new(ct_cfg);
+        let orig = key("10.0.0.1", 40000, "10.96.0.10", 80, TCP);
+        let id = ct
+            .insert(&orig, nat("10.1.0.5", 8080, None), first, at(0))
+            .unwrap();
+        let mut state = ct.lookup(&orig, at(0)).unwrap().tcp_state;
+        let mut last = 0;
+        for (i, &(dir, flags)) in packets.iter().enumerate() {
+            last = 10 + i as u64;
+            state = ct.on_packet(id, dir, flags, at(last));
+            assert_eq!(ct.lookup(&orig, at(last)).unwrap().tcp_state, state);
+        }
+        let timeout = u64::from(ct_cfg.timeouts.tcp(state));
+        assert!(
+            ct.lookup(&orig, at(last + timeout)).is_some(),
+            "{state:?} must live {timeout} s"
+        );
+        assert!(
+            ct.lookup(&orig, at(last + timeout + 1)).is_none(),
+            "{state:?} must expire after {timeout} s"
+        );
+        state
+    }
+
+    #[test]
+    fn tcp_states_and_their_timeouts() {
+        use tcp_flags::*;
+        use Direction::{Original as O, Reply as R};
+        use TcpState as T;
+        let c = cfg(8);
+        let hs = [(R, SYN | ACK), (O, ACK)];
+        assert_eq!(drive(SYN, &[], c), T::SynSent);
+        assert_eq!(drive(SYN, &hs[..1], c), T::SynRecv);
+        assert_eq!(drive(SYN, &hs, c), T::Established);
+        // Out-of-order/unexpected packets keep the state.
+        assert_eq!(drive(SYN, &[(O, ACK)], c), T::SynSent);
+        assert_eq!(drive(SYN, &[(O, SYN | ACK)], c), T::SynSent);
+        assert_eq!(drive(SYN, &[hs[0], hs[1], (O, SYN)], c), T::Established);
+        assert_eq!(drive(SYN, &[hs[0], hs[1], (R, SYN)], c), T::Established);
+        assert_eq!(
+            drive(SYN, &[hs[0], hs[1], (R, SYN | ACK)], c),
+            T::Established
+        );
+        // Original side closes first.
+        let close = [
+            hs[0],
+            hs[1],
+            (O, FIN | ACK),
+            (R, ACK),
+            (R, FIN | ACK),
+            (O, ACK),
+        ];
+        let expect = [T::FinWait, T::CloseWait, T::LastAck, T::TimeWait];
+        for (n, want) in expect.iter().enumerate() {
+            assert_eq!(drive(SYN, &close[..3 + n], c), *want, "step {n}");
+        }
+        // Reply side closes first; the closer's own ACKs don't advance.
+        let close = [
+            (R, FIN | ACK),
+            (R, ACK),
+            (O, ACK),
+            (O, FIN | ACK),
+            (O, ACK),
+            (R, ACK),
+        ];
+        let expect = [
+            T::FinWait,
+            T::FinWait,
+            T::CloseWait,
+            T::LastAck,
+            T::LastAck,
+            T::TimeWait,
+        ];
+        for (n, want) in expect.iter().enumerate() {
+            assert_eq!(drive(ACK, &close[..=n], c), *want, "step {n}");
+        }
+        // Simultaneous-ish close: FIN, then FIN+ACK from the other side.
+        assert_eq!(drive(ACK, &[(O, FIN), (R, FIN | ACK)], c), T::LastAck);
+        assert_eq!(
+            drive(ACK, &[(O, FIN), (R, FIN | ACK), (R, ACK)], c),
+            T::LastAck
+        );
+        assert_eq!(
+            drive(ACK, &[(O, FIN), (R, FIN | ACK), (O, ACK)], c),
+            T::TimeWait
+        );
+        // A retransmitted FIN stays where it is.
+        assert_eq!(drive(ACK, &[(O, FIN), (O, FIN | ACK)], c), T::FinWait);
+        assert_eq!(drive(ACK, &[(O, FIN), (R, ACK), (O, FIN)], c), T::CloseWait);
+        // RST from anywhere closes.
+        assert_eq!(drive(SYN, &[(R, RST)], c), T::Close);
+        assert_eq!(drive(ACK, &[(O, RST | ACK)], c), T::Close);
+        assert_eq!(drive(ACK, &[(O, FIN), (R, RST)], c), T::Close);
+        // A new SYN reopens a closed or time-waiting tuple, and FIN history is forgotten.
+        let tw = [(O, FIN), (R, FIN | ACK), (O, ACK)];
+        let mut reopen = tw.to_vec();
+        reopen.push((O, SYN));
+        assert_eq!(drive(ACK, &reopen, c), T::SynSent);
+        reopen.extend([hs[0], hs[1], (O, FIN)]);
+        assert_eq!(drive(ACK, &reopen, c), T::FinWait);
+        assert_eq!(drive(ACK, &[(R, RST), (O, SYN)], c), T::SynSent);
+        // Loose pickup.
+        assert_eq!(drive(ACK, &[], c), T::Established);
+        assert_eq!(drive(0, &[], c), T::Established);
+        assert_eq!(drive(FIN | ACK, &[], c), T::FinWait);
+        assert_eq!(
+            drive(FIN | ACK, &[(R, FIN | ACK), (O, ACK)], c),
+            T::TimeWait
+        );
+        assert_eq!(drive(RST, &[], c), T::Close);
+        assert_eq!(drive(SYN | ACK, &[], c), T::SynSent);
+    }
+
+    #[test]
+    fn custom_timeouts_are_used() {
+        let mut c = cfg(8);
+        c.timeouts = Timeouts {
+            tcp_syn_sent: 3,
+            tcp_syn_recv: 4,
+            tcp_established: 5,
+            tcp_fin_wait: 6,
+            tcp_close_wait: 7,
+            tcp_last_ack: 8,
+            tcp_time_wait: 9,
+            tcp_close: 2,
+            udp_unreplied: 1,
+            udp_replied: 11,
+            sctp: 12,
+        };
+        use tcp_flags::*;
+        use Direction::{Original as O, Reply as R};
+        assert_eq!(drive(SYN, &[], c), TcpState::SynSent);
+        assert_eq!(
+            drive(SYN, &[(R, SYN | ACK), (O, ACK)], c),
+            TcpState::Established
+        );
+        assert_eq!(drive(ACK, &[(O, FIN), (R, ACK)], c), TcpState::CloseWait);
+        assert_eq!(drive(ACK, &[(O, RST)], c), TcpState::Close);
+    }
+
+    #[test]
+    fn udp_and_sctp_timeouts() {
+        let mut ct = new_ct(8);
+        let n = nat("10.1.0.5", 53, None);
+        let a = key("10.0.0.1", 1000, "10.96.0.10", 53, UDP);
+        let b = key("10.0.0.1", 1001, "10.96.0.10", 53, UDP);
+        let c = key("10.0.0.1", 1002, "10.96.0.10", 53, L4Proto::Sctp);
+        ct.insert(&a, n, 0, at(0)).unwrap();
+        let ib = ct.insert(&b, n, 0, at(0)).unwrap();
+        let ic = ct.insert(&c, n, 0, at(0)).unwrap();
+        // Unreplied: 30 s, refreshed by original-direction packets without becoming
+        // replied.
+        assert_eq!(
+            ct.on_packet(ib, Direction::Original, 0, at(20)),
+            TcpState::None
+        );
+        assert!(ct.lookup(&a, at(30)).is_some());
+        assert!(ct.lookup(&a, at(31)).is_none());
+        assert!(ct.lookup(&b, at(50)).is_some());
+        // A reply switches to the replied timeout.
+        assert_eq!(
+            ct.on_packet(ib, Direction::Reply, 0, at(50)),
+            TcpState::None
+        );
+        assert!(ct.lookup(&b, at(170)).is_some());
+        assert!(ct.lookup(&reply_of(&b, &n), at(170)).is_some());
+        assert!(ct.lookup(&b, at(171)).is_none());
+        // SCTP: one timeout, refreshed by packets.
+        ct.on_packet(ic, Direction::Reply, 0, at(100));
+        assert!(ct.lookup(&c, at(310)).is_some());
+        assert!(ct.lookup(&c, at(311)).is_none());
+        assert!(ct.is_empty());
+        assert_eq!(ct.stats().expired, 3);
+    }
+
+    #[test]
+    fn time_has_one_second_granularity_and_never_expires_early() {
+        let mut ct = Conntrack::new(cfg(8));
+        let k = key("10.0.0.1", 1000, "10.96.0.10", 53, UDP);
+        // The clock starts at T0; the flow starts 0.9 s later, in second 0.
+        ct.gc(T0, 0);
+        ct.insert(&k, nat("10.1.0.5", 53, None), 0, T0 + 900_000_000)
+            .unwrap();
+        // 30.1 s after the packet: still live (lifetime is in [30, 31) s).
+        assert!(ct.lookup(&k, T0 + 30 * S + 999_999_999).is_some());
+        assert!(ct.lookup(&k, T0 + 31 * S).is_none());
+        // A clock earlier than the epoch counts as the epoch; huge clocks saturate.
+        ct.insert(&k, nat("10.1.0.5", 53, None), 0, 0).unwrap();
+        assert!(ct.lookup(&k, 1).is_some());
+        assert!(ct.lookup(&k, u64::MAX).is_some() || ct.is_empty());
+    }
+
+    #[test]
+    fn expired_flows_do_not_match_and_are_removed_lazily() {
+        let mut ct = new_ct(8);
+        let k = key("10.0.0.1", 1000, "10.96.0.10", 80, TCP);
+        let n = nat("10.1.0.5", 8080, Some(("192.168.0.1", 7000)));
+        ct.insert(&k, n, tcp_flags::SYN, at(0)).unwrap();
+        assert_eq!(ct.len(), 1);
+        assert!(ct.lookup(&reply_of(&k, &n), at(121)).is_none());
+        assert_eq!(ct.len(), 0);
+        assert_eq!(ct.stats().expired, 1);
+        assert!(ct.lookup(&k, at(121)).is_none());
+        assert_eq!(ct.iter().count(), 0);
+    }
+
+    #[test]
+    fn reply_tuple_in_use_sees_live_flows_only() {
+        let mut ct = new_ct(8);
+        let k = key("10.0.0.1", 1000, "10.96.0.10", 80, UDP);
+        let n = nat("10.1.0.5", 8080, Some(("192.168.0.1", 7000)));
+        let reply = reply_of(&k, &n);
+        assert!(!ct.reply_tuple_in_use(&reply, at(0)));
+        ct.insert(&k, n, 0, at(0)).unwrap();
+        assert!(ct.reply_tuple_in_use(&reply, at(0)));
+        assert!(
+            ct.reply_tuple_in_use(&k, at(0)),
+            "original tuples are taken too"
+        );
+        let other = FlowKey {
+            dport: 7001,
+            ..reply
+        };
+        assert!(!ct.reply_tuple_in_use(&other, at(0)));
+        assert!(!ct.reply_tuple_in_use(&reply.reversed(), at(0)));
+        assert!(ct.reply_tuple_in_use(&reply, at(30)));
+        assert!(!ct.reply_tuple_in_use(&reply, at(31)));
+        // The v6 table answers for v6 tuples.
+        let k6 = key("fd00::1", 1000, "fd00:96::10", 80, UDP);
+        let n6 = nat("fd00:1::5", 8080, None);
+        ct.insert(&k6, n6, 0, at(40)).unwrap();
+        assert!(ct.reply_tuple_in_use(&reply_of(&k6, &n6), at(40)));
+        assert!(!ct.reply_tuple_in_use(&reply_of(&k6, &n6), at(71)));
+    }
+
+    #[test]
+    fn insert_refuses_taken_tuples() {
+        let mut ct = new_ct(8);
+        let snat = Some(("192.168.0.1", 7000));
+        let k = key("10.0.0.1", 1000, "10.96.0.10", 80, UDP);
+        let n = nat("10.1.0.5", 8080, snat);
+        let id = ct.insert(&k, n, 0, at(0)).unwrap();
+        // Same original tuple.
+        let n2 = nat("10.1.0.6", 8080, None);
+        assert_eq!(ct.insert(&k, n2, 0, at(1)), Err(InsertError::Exists));
+        // Other original tuple, same reply tuple (same SNAT port to the same backend).
+        let k2 = key("10.0.0.2", 1000, "10.96.0.10", 80, UDP);
+        assert_eq!(ct.insert(&k2, n, 0, at(1)), Err(InsertError::Exists));
+        // A new flow whose original tuple is the existing reply tuple.
+        let k3 = reply_of(&k, &n);
+        assert_eq!(
+            ct.insert(&k3, nat("10.1.0.9", 1, None), 0, at(1)),
+            Err(InsertError::Exists)
+        );
+        // A new flow whose reply tuple is the existing original tuple.
+        let k4 = key("10.0.0.1", 80, "10.0.0.9", 80, UDP);
+        let n4 = nat("10.0.0.1", 1000, Some(("10.96.0.10", 80)));
+        assert_eq!(reply_of(&k4, &n4), k);
+        assert_eq!(ct.insert(&k4, n4, 0, at(1)), Err(InsertError::Exists));
+        assert_eq!(ct.stats().exists, 4);
+        assert_eq!(ct.len(), 1);
+        // Once the first flow expires, its tuples are free again.
+        let id2 = ct.insert(&k2, n, 0, at(31)).unwrap();
+        assert_eq!(id2, id, "the expired flow's slot is reused");
+        assert_eq!(ct.stats().expired, 1);
+        assert_eq!(ct.lookup(&reply_of(&k2, &n), at(31)).unwrap().orig, k2);
+    }
+
+    #[test]
+    fn purge_removes_what_keep_rejects() {
+        let mut ct = new_ct(64);
+        let mut flows = Vec::new();
+        for i in 0..10u16 {
+            let k = key("10.0.0.1", 1000 + i, "10.96.0.10", 80, TCP);
+            let b = if i % 2 == 0 { "10.1.0.5" } else { "10.1.0.6" };
+            let n = nat(b, 8080, None);
+            ct.insert(&k, n, tcp_flags::ACK, at(0)).unwrap();
+            flows.push((k, n));
+        }
+        let gone = ip("10.1.0.5");
+        let mut seen = 0;
+        let purged = ct.purge(|m| {
+            seen += 1;
+            assert_eq!(m.dir, Direction::Original);
+            m.nat.backend != gone
+        });
+        assert_eq!((purged, seen), (5, 10));
+        assert_eq!(ct.len(), 5);
+        assert_eq!(ct.stats().purged, 5);
+        for (k, n) in flows {
+            let live = n.backend != gone;
+            assert_eq!(ct.lookup(&k, at(1)).is_some(), live);
+            assert_eq!(ct.lookup(&reply_of(&k, &n), at(1)).is_some(), live);
+        }
+        assert!(ct.iter().all(|m| m.nat.backend != gone));
+    }
+
+    #[test]
+    fn slab_slots_are_reused_and_memory_is_fixed() {
+        let mut ct = new_ct(4);
+        let mem = ct.memory_bytes();
+        let n = nat("10.1.0.5", 80, None);
+        let ks: Vec<_> = (0..5)
+            .map(|i| key("10.0.0.1", 1000 + i, "10.96.0.10", 80, UDP))
+            .collect();
+        let a = ct.insert(&ks[0], n, 0, at(0)).unwrap();
+        let b = ct.insert(&ks[1], n, 0, at(0)).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(ct.purge(|m| m.id != a), 1);
+        let c = ct.insert(&ks[2], n, 0, at(0)).unwrap();
+        assert_eq!(c, a, "the freed slot is reused first");
+        assert_eq!(ct.lookup(&ks[2], at(0)).unwrap().id, a);
+        assert!(ct.lookup(&ks[0], at(0)).is_none());
+        ct.insert(&ks[3], n, 0, at(0)).unwrap();
+        ct.insert(&ks[4], n, 0, at(0)).unwrap();
+        assert_eq!(ct.len(), 4);
+        // Expiry frees slots too.
+        assert_eq!(ct.gc(at(31), 100), 4);
+        assert!(ct.is_empty());
+        for k in &ks {
+            ct.insert(k, n, 0, at(31)).unwrap_or_else(|e| panic!("{e}"));
+            ct.purge(|_| false);
+        }
+        assert_eq!(ct.memory_bytes(), mem);
+        // Ids of free or impossible slots are harmless.
+        assert_eq!(ct.on_packet(a, Direction::Reply, 0, at(32)), TcpState::None);
+        for raw in [3, 4, 1 << 30, V6_ID_BIT | 3, V6_ID_BIT | 99, u32::MAX] {
+            let id = FlowId(raw);
+            assert_eq!(
+                ct.on_packet(id, Direction::Reply, tcp_flags::RST, at(32)),
+                TcpState::None
+            );
+        }
+        assert!(ct.is_empty());
+    }
+
+    fn est(i: u32) -> (FlowKey, NatBinding) {
+        let c = Ipv4Addr::from(0x0a00_0000 | (i >> 16)).to_string();
+        (
+            key(&c, i as u16, "10.96.0.10", 80, TCP),
+            nat("10.1.0.5", 8080, None),
+        )
+    }
+
+    #[test]
+    fn syn_flood_cannot_evict_established_flows() {
+        let mut ct = Conntrack::new(ConntrackConfig {
+            capacity: 64,
+            capacity_v6: 0,
+            ..ConntrackConfig::default()
+        });
+        for i in 0..64 {
+            let (k, n) = est(i);
+            ct.insert(&k, n, tcp_flags::ACK, at(0)).unwrap();
+        }
+        for i in 1000..3000 {
+            let (k, n) = est(i);
+            assert_eq!(
+                ct.insert(&k, n, tcp_flags::SYN, at(1)),
+                Err(InsertError::Full)
+            );
+        }
+        let s = ct.stats();
+        assert_eq!((s.full, s.evicted_early, s.expired), (2000, 0, 0));
+        for i in 0..64 {
+            let (k, n) = est(i);
+            assert_eq!(
+                ct.lookup(&k, at(2)).unwrap().tcp_state,
+                TcpState::Established
+            );
+            assert!(ct.lookup(&reply_of(&k, &n), at(2)).is_some());
+        }
+        // IPv6 has no room at all here.
+        let k6 = key("fd00::1", 1, "fd00::2", 80, TCP);
+        assert_eq!(
+            ct.insert(&k6, nat("fd00::3", 80, None), tcp_flags::SYN, at(2)),
+            Err(InsertError::Full)
+        );
+    }
+
+    #[test]
+    fn full_table_evicts_unestablished_flows_first() {
+        let mut ct = Conntrack::new(ConntrackConfig {
+            capacity: 64,
+            capacity_v6: 0,
+            ..ConntrackConfig::default()
+        });
+        // Even slots established, odd slots half-open.
+        for i in 0..64 {
+            let (k, n) = est(i);
+            let flags = if i % 2 == 0 {
+                tcp_flags::ACK
+            } else {
+                tcp_flags::SYN
+            };
+            ct.insert(&k, n, flags, at(0)).unwrap();
+        }
+        for i in 1000..1200 {
+            let (k, n) = est(i);
+            ct.insert(&k, n, tcp_flags::SYN, at(1)).unwrap();
+        }
+        let s = ct.stats();
+        assert_eq!((s.full, s.evicted_early, s.expired), (0, 200, 0));
+        assert_eq!(ct.len(), 64);
+        for i in (0..64).step_by(2) {
+            assert!(
+                ct.lookup(&est(i).0, at(2)).is_some(),
+                "established {i} evicted"
+            );
+        }
+        assert_eq!(
+            ct.iter()
+                .filter(|m| m.tcp_state == TcpState::Established)
+                .count(),
+            32
+        );
+    }
+
+    #[test]
+    fn eviction_prefers_expired_then_unestablished_and_spares_replied_udp() {
+        let mut c = ConntrackConfig {
+            capacity: 4,
+            capacity_v6: 0,
+            eviction_scan: 4,
+            ..ConntrackConfig::default()
+        };
+        c.timeouts.tcp_established = 50;
+        let mut ct = Conntrack::new(c);
+        // Slot 0 half-open (live until 120), slots 1..3 established (expire after 50).
+        ct.insert(&est(0).0, est(0).1, tcp_flags::SYN, at(0))
+            .unwrap();
+        for i in 1..4 {
+            ct.insert(&est(i).0, est(i).1, tcp_flags::ACK, at(0))
+                .unwrap();
+        }
+        ct.insert(&est(10).0, est(10).1, tcp_flags::SYN, at(60))
+            .unwrap();
+        let s = ct.stats();
+        assert_eq!((s.expired, s.evicted_early), (1, 0));
+        assert!(
+            ct.lookup(&est(0).0, at(60)).is_some(),
+            "half-open outlived expired"
+        );
+
+        // UDP: replied flows are protected, unreplied ones are not.
+        let c = ConntrackConfig {
+            capacity: 4,
+            capacity_v6: 0,
+            eviction_scan: 4,
+            ..ConntrackConfig::default()
+        };
+        let mut ct = Conntrack::new(c);
+        let n = nat("10.1.0.5", 53, None);
+        let u = |p| key("10.0.0.1", p, "10.96.0.10", 53, UDP);
+        for p in 0..4 {
+            let id = ct.insert(&u(p), n, 0, at(0)).unwrap();
+            if p != 2 {
+                ct.on_packet(id, Direction::Reply, 0, at(0));
+            }
+        }
+        ct.insert(&u(10), n, 0, at(1)).unwrap();
+        assert!(ct.lookup(&u(2), at(1)).is_none(), "unreplied evicted");
+        for p in [0, 1, 3, 10] {
+            assert!(ct.lookup(&u(p), at(1)).is_some());
+        }
+        // Now every flow but the newest is replied; the newest (unreplied) goes next.
+        ct.insert(&u(11), n, 0, at(1)).unwrap();
+        assert!(ct.lookup(&u(10), at(1)).is_none());
+        let id = ct.lookup(&u(11), at(1)).unwrap().id;
+        ct.on_packet(id, Direction::Reply, 0, at(1));
+        assert_eq!(ct.insert(&u(12), n, 0, at(1)), Err(InsertError::Full));
+        assert_eq!(ct.stats().evicted_early, 2);
+        assert_eq!(ct.stats().full, 1);
+
+        // A scan of 0 never evicts.
+        let mut ct = Conntrack::new(ConntrackConfig {
+            capacity: 1,
+            capacity_v6: 0,
+            eviction_scan: 0,
+            ..ConntrackConfig::default()
+        });
+        ct.insert(&u(0), n, 0, at(0)).unwrap();
+        assert_eq!(ct.insert(&u(1), n, 0, at(0)), Err(InsertError::Full));
+    }
+
+    #[test]
+    fn gc_is_bounded_persistent_and_spares_live_flows() {
+        let mut ct = Conntrack::new(ConntrackConfig {
+            capacity: 1000,
+            capacity_v6: 0,
+            ..ConntrackConfig::default()
+        });
+        let n = nat("10.1.0.5", 80, None);
+        let k = |i: u32, p| {
+            let c = Ipv4Addr::from(0x0a00_0000 | i).to_string();
+            key(&c, 1, "10.96.0.10", 80, p)
+        };
+        for i in 0..1000 {
+            // Even: UDP (30 s); odd: established TCP.
+            let (proto, flags) = if i % 2 == 0 {
+                (UDP, 0)
+            } else {
+                (TCP, tcp_flags::ACK)
+            };
+            ct.insert(&k(i, proto), n, flags, at(0)).unwrap();
+        }
+        assert_eq!(ct.gc(at(30), 5000), 0, "nothing expired yet");
+        assert_eq!(ct.gc(at(100), 0), 0);
+        for round in 0..10 {
+            assert_eq!(ct.gc(at(100), 100), 50, "round {round}");
+        }
+        assert_eq!(ct.gc(at(100), 1000), 0);
+        assert_eq!(ct.len(), 500);
+        assert_eq!(ct.stats().expired, 500);
+        for i in (1..1000).step_by(2) {
+            assert!(ct.lookup(&k(i, TCP), at(100)).is_some());
+        }
+    }
+
+    #[test]
+    fn gc_cursor_walks_both_families() {
+        let mut ct = new_ct(10);
+        let n4 = nat("10.1.0.5", 80, None);
+        let n6 = nat("fd00:1::5", 80, None);
+        for p in 0..10 {
+            ct.insert(&key("10.0.0.1", p, "10.96.0.10", 80, UDP), n4, 0, at(0))
+                .unwrap();
+            ct.insert(&key("fd00::1", p, "fd00:96::10", 80, UDP), n6, 0, at(0))
+                .unwrap();
+        }
+        assert_eq!(ct.gc(at(40), 15), 15);
+        assert_eq!(ct.iter().filter(|m| m.orig.src.is_ipv6()).count(), 5);
+        assert_eq!(ct.gc(at(40), 15), 5);
+        assert!(ct.is_empty());
+        assert_eq!(ct.gc(at(40), usize::MAX), 0);
+    }
+
+    #[test]
+    fn churn_keeps_indexes_consistent_and_memory_fixed() {
+        // A capacity that loads hashbrown's buckets heavily (1590 / 2048), so that
+        // removals leave tombstones and the in-place rebuild gets exercised.
+        let cap = 1590;
+        let mut ct = Conntrack::new(ConntrackConfig {
+            capacity: cap,
+            capacity_v6: 0,
+            ..ConntrackConfig::default()
+        });
+        let mem = ct.memory_bytes();
+        for i in 0..100_000u32 {
+            let (k, n) = est(i);
+            let n = NatBinding {
+                snat: Some(SnatBinding {
+                    addr: ip("192.168.0.1"),
+                    port: i as u16,
+                }),
+                ..n
+            };
+            ct.insert(&k, n, tcp_flags::SYN, at(0)).unwrap();
+        }
+        let s = ct.stats();
+        println!("churn stats: {s:?}");
+        assert_eq!(ct.len(), cap);
+        assert_eq!(ct.memory_bytes(), mem, "indexes must never grow");
+        assert_eq!(s.evicted_early, 100_000 - cap as u64);
+        assert!(s.index_rebuilds > 0, "churn should have needed a rebuild");
+        assert_eq!(ct.v4.orig.len(), cap);
+        assert_eq!(ct.v4.reply.len(), cap);
+        let flows: Vec<_> = ct.iter().collect();
+        for m in flows {
+            let l = ct.lookup(&m.orig, at(1)).unwrap();
+            assert_eq!((l.id, l.dir), (m.id, Direction::Original));
+            let l = ct.lookup(&reply_of(&m.orig, &m.nat), at(1)).unwrap();
+            assert_eq!((l.id, l.dir), (m.id, Direction::Reply));
+        }
+    }
+
+    #[test]
+    fn entry_sizes() {
+        let v4 = core::mem::size_of::<Entry<u32>>();
+        let v6 = core::mem::size_of::<Entry<[u8; 16]>>();
+        println!("entry size: IPv4 {v4} B, IPv6 {v6} B");
+        assert_eq!(v4, 36);
+        assert_eq!(v6, 84);
+    }
+
+    #[test]
+    fn memory_per_flow_at_full_capacity() {
+        const N: u32 = 200_000;
+        let mut ct = Conntrack::new(ConntrackConfig {
+            capacity: N as usize,
+            capacity_v6: 0,
+            ..ConntrackConfig::default()
+        });
+        let n = nat("10.1.0.5", 8080, None);
+        for i in 0..N {
+            let c = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | i));
+            let k = FlowKey {
+                src: c,
+                dst: ip("10.96.0.10"),
+                sport: 40000,
+                dport: 80,
+                proto: TCP,
+            };
+            ct.insert(&k, n, tcp_flags::ACK, at(0)).unwrap();
+        }
+        assert_eq!(ct.len(), N as usize);
+        let v4 = ct.memory_bytes() as f64 / ct.len() as f64;
+
+        let mut ct = Conntrack::new(ConntrackConfig {
+            capacity: 0,
+            capacity_v6: N as usize,
+            ..ConntrackConfig::default()
+        });
+        let n = nat("fd00:1::5", 8080, None);
+        for i in 0..N {
+            let c = IpAddr::V6(Ipv6Addr::from(0xfd00_u128 << 112 | u128::from(i)));
+            let k = FlowKey {
+                src: c,
+                dst: ip("fd00:96::10"),
+                sport: 40000,
+                dport: 80,
+                proto: TCP,
+            };
+            ct.insert(&k, n, tcp_flags::ACK, at(0)).unwrap();
+        }
+        assert_eq!(ct.len(), N as usize);
+        let v6 = ct.memory_bytes() as f64 / ct.len() as f64;
+        println!("memory per flow at {N} flows: IPv4 {v4:.1} B, IPv6 {v6:.1} B");
+        assert!(v4 <= 64.0, "IPv4 {v4} B/flow");
+        assert!(v6 <= 112.0, "IPv6 {v6} B/flow");
+    }
+
+    // ---- model check -------------------------------------------------------------------
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Insert {
+            v6: bool,
+            client: u8,
+            cport: u8,
+            frontend: u8,
+            kind: u8,
+            backend: u8,
+            bport: u8,
+            snat: Option<u8>,
+        },
+        /// A packet of the `idx`-th live model flow, as a lookup plus `on_packet`.
+        Packet {
+            idx: usize,
+            reply: bool,
+        },
+        /// A lookup of an arbitrary tuple from the same small address pool.
+        Probe {
+            v6: bool,
+            src: u8,
+            sport: u8,
+            dst: u8,
+            dport: u8,
+            udp: bool,
+        },
+        Advance(u8),
+        Gc(u16),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (any::<bool>(), 0..3u8, 0..3u8, 0..2u8, 0..4u8, 0..2u8, 0..2u8, proptest::option::of(0..3u8))
+                .prop_map(|(v6, client, cport, frontend, kind, backend, bport, snat)| Op::Insert {
+                    v6, client, cport, frontend, kind, backend, bport, snat
+                }),
+            3 => (0..64usize, any::<bool>()).prop_map(|(idx, reply)| Op::Packet { idx, reply }),
+            2 => (any::<bool>(), 0..8u8, 0..5u8, 0..8u8, 0..5u8, any::<bool>())
+                .prop_map(|(v6, src, sport, dst, dport, udp)| Op::Probe { v6, src, sport, dst, dport, udp }),
+            1 => (0..100u8).prop_map(Op::Advance),
+            1 => (0..300u16).prop_map(Op::Gc),
+        ]
+    }
+
+    /// Address `i` of the small pool: 0..3 clients, 3..5 frontends, 5..7 backends,
+    /// 7 the SNAT address.
+    fn pool(v6: bool, i: u8) -> IpAddr {
+        if v6 {
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, u16::from(i) + 1))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, i + 1))
+        }
+    }
+
+    fn pool_port(i: u8) -> u16 {
+        [80, 8080, 1000, 1001, 1002][usize::from(i) % 5]
+    }
+
+    #[derive(Clone, Debug)]
+    struct ModelFlow {
+        id: FlowId,
+        orig: FlowKey,
+        reply: FlowKey,
+        nat: NatBinding,
+        /// Last live second.
+        expires: u64,
+        replied: bool,
+    }
+
+    fn model_timeout(t: &Timeouts, f: &ModelFlow) -> u64 {
+        u64::from(match f.orig.proto {
+            L4Proto::Tcp => t.tcp_established,
+            L4Proto::Udp if f.replied => t.udp_replied,
+            L4Proto::Udp => t.udp_unreplied,
+            L4Proto::Sctp => t.sctp,
+        })
+    }
+
+    fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
+        const CAP: usize = 512;
+        let mut ct = Conntrack::new(ConntrackConfig {
+            capacity: CAP,
+            capacity_v6: CAP,
+            ..ConntrackConfig::default()
+        });
+        let t = ct.config().timeouts;
+        let mut model: Vec<ModelFlow> = Vec::new();
+        let mut now = 0u64;
+        ct.gc(at(now), 0);
+        for op in ops {
+            model.retain(|f| now <= f.expires);
+            match op {
+                Op::Insert {
+                    v6,
+                    client,
+                    cport,
+                    frontend,
+                    kind,
+                    backend,
+                    bport,
+                    snat,
+                } => {
+                    let (proto, flags) = match kind {
+                        0 => (L4Proto::Udp, 0),
+                        1 => (L4Proto::Sctp, 0),
+                        // Loose pickup: established, so the model needs no TCP states.
+                        _ => (L4Proto::Tcp, tcp_flags::ACK),
+                    };
+                    let orig = FlowKey {
+                        src: pool(v6, client),
+                        dst: pool(v6, 3 + frontend),
+                        sport: pool_port(2 + cport),
+                        dport: pool_port(0),
+                        proto,
+                    };
+                    let n = NatBinding {
+                        backend: pool(v6, 5 + backend),
+                        backend_port: pool_port(bport),
+                        snat: snat.map(|p| SnatBinding {
+                            addr: pool(v6, 7),
+                            port: pool_port(2 + p),
+                        }),
+                        service_port: ServicePortId(u32::from(kind)),
+                    };
+                    let reply = reply_of(&orig, &n);
+                    let taken = model.iter().any(|f| {
+                        [f.orig, f.reply].contains(&orig) || [f.orig, f.reply].contains(&reply)
+                    });
+                    let in_use = ct.reply_tuple_in_use(&reply, at(now))
+                        || ct.reply_tuple_in_use(&orig, at(now));
+                    prop_assert_eq!(in_use, taken);
+                    match ct.insert(&orig, n, flags, at(now)) {
+                        Ok(id) => {
+                            prop_assert!(!taken, "inserted over a taken tuple: {:?}", orig);
+                            let mut f = ModelFlow {
+                                id,
+                                orig,
+                                reply,
+                                nat: n,
+                                expires: 0,
+                                replied: false,
+                            };
+                            f.expires = now + model_timeout(&t, &f);
+                            model.push(f);
+                        }
+                        Err(e) => prop_assert!(taken && e == InsertError::Exists, "{:?}", e),
+                    }
+                }
+                Op::Packet { idx, reply } => {
+                    if model.is_empty() {
+                        continue;
+                    }
+                    let i = idx % model.len();
+                    let f = &mut model[i];
+                    let k = if reply { f.reply } else { f.orig };
+                    let m = ct.lookup(&k, at(now));
+                    prop_assert!(m.is_some(), "live flow missed: {:?}", f);
+                    let m = m.unwrap();
+                    let dir = if reply {
+                        Direction::Reply
+                    } else {
+                        Direction::Original
+                    };
+                    prop_assert_eq!((m.id, m.dir, m.orig, m.nat), (f.id, dir, f.orig, f.nat));
+                    let state = ct.on_packet(m.id, dir, tcp_flags::ACK, at(now));
+                    let want = if f.orig.proto == L4Proto::Tcp {
+                        TcpState::Established
+                    } else {
+                        TcpState::None
+                    };
+                    prop_assert_eq!(state, want);
+                    f.replied |= reply;
+                    f.expires = now + model_timeout(&t, f);
+                }
+                Op::Probe {
+                    v6,
+                    src,
+                    sport,
+                    dst,
+                    dport,
+                    udp,
+                } => {
+                    let k = FlowKey {
+                        src: pool(v6, src),
+                        dst: pool(v6, dst),
+                        sport: pool_port(sport),
+                        dport: pool_port(dport),
+                        proto: if udp { L4Proto::Udp } else { L4Proto::Tcp },
+                    };
+                    let want = model.iter().find_map(|f| {
+                        if f.orig == k {
+                            Some((f.id, Direction::Original))
+                        } else if f.reply == k {
+                            Some((f.id, Direction::Reply))
+                        } else {
+                            None
+                        }
+                    });
+                    let got = ct.lookup(&k, at(now)).map(|m| (m.id, m.dir));
+                    prop_assert_eq!(got, want, "probe {:?}", k);
+                }
+                Op::Advance(s) => now += u64::from(s),
+                Op::Gc(budget) => {
+                    ct.gc(at(now), usize::from(budget));
+                }
+            }
+            prop_assert!(ct.len() >= model.len());
+        }
+        // A full sweep leaves exactly the live flows.
+        model.retain(|f| now <= f.expires);
+        ct.gc(at(now), ct.capacity());
+        prop_assert_eq!(ct.len(), model.len());
+        let mut got: Vec<_> = ct.iter().map(|m| (m.orig, m.nat)).collect();
+        let mut want: Vec<_> = model.iter().map(|f| (f.orig, f.nat)).collect();
+        let order = |a: &(FlowKey, NatBinding), b: &(FlowKey, NatBinding)| {
+            format!("{a:?}").cmp(&format!("{b:?}"))
+        };
+        got.sort_by(order);
+        want.sort_by(order);
+        prop_assert_eq!(got, want);
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_a_simple_model(ops in proptest::collection::vec(op(), 1..200)) {
+            run_model(ops)?;
+        }
+    }
+}

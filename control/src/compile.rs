@@ -1,0 +1,1537 @@
+//! Services + EndpointSlices + the node -> a [`ServiceTable`], with kube-proxy's semantics.
+//!
+//! What is compiled, and how (the references are to kube-proxy's `pkg/proxy`):
+//!
+//! * Services of type ClusterIP, NodePort and LoadBalancer are compiled; ExternalName and
+//!   headless (`clusterIP: None`) services are skipped, as are services labelled
+//!   `service.kubernetes.io/headless`, and services labelled
+//!   `service.kubernetes.io/service-proxy-name` with a value other than
+//!   [`CompileOptions::proxy_name`].
+//! * One [`ServicePort`] per service port per IP family of the service's ClusterIPs
+//!   (dual-stack: `spec.clusterIPs`). Its frontends are: the ClusterIP of that family on
+//!   `port`; the `spec.externalIPs` of that family; the `status.loadBalancer.ingress[].ip`s
+//!   of that family (except `ipMode: Proxy`); and, when the service is NodePort or
+//!   LoadBalancer with a `nodePort`, every [`NodeTable::node_port_addresses`] of that family.
+//! * Endpoints come from the EndpointSlices labelled `kubernetes.io/service-name: <name>` in
+//!   the service's namespace whose `addressType` is the family (FQDN slices are ignored).
+//!   The port is that of the slice port with the service port's name and protocol (which
+//!   is how a `targetPort` by name or by number resolves: the EndpointSlice controller did
+//!   it). Endpoints are deduplicated by (address, port), preferring a local one, and sorted
+//!   by (address, port). Conditions: `ready` nil = true, `serving` nil = ready (as the API
+//!   documents), `terminating` nil = false; `local` = `nodeName` is this node.
+//! * [`ServicePort::endpoints`] lists every endpoint, usable or not. The Maglev tables
+//!   index into it: they are built over the whole list with weight 0 for the endpoints not
+//!   in the set (see [`lb_members`] for which are). Maglev ids are [`backend_id`]s.
+//! * Policies: `externalTrafficPolicy: Local` for externally accessible services (NodePort,
+//!   LoadBalancer, or ClusterIP with externalIPs, as Kubernetes defines it);
+//!   `internalTrafficPolicy: Local`; `sessionAffinity: ClientIP` with its timeout (default
+//!   10800 s); `loadBalancerSourceRanges` of the port's family (kube-proxy filters them by
+//!   family too).
+//! * A bad value is reported as a [`ConfigError`] naming `namespace/name` and the field, and
+//!   only what it concerns is left out (a port, a family, an address): other ports and
+//!   other services still compile. A frontend another service already holds is a clash;
+//!   the first holder, in namespace/name order, keeps it.
+//! * Deterministic: services are compiled in namespace/name order, slices are read in
+//!   namespace/name order.
+//! * Reuse: given the previous table, a service port whose endpoint list is identical to
+//!   that of the previous service port of the same name and protocol keeps its Maglev
+//!   tables (the same `Arc`s), and the whole `Arc<ServicePort>` when its policy did not
+//!   change either. `previous` must have been compiled with the same
+//!   [`CompileOptions::maglev`]; pass `None` after changing it.
+
+use core::net::{IpAddr, SocketAddr};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kxp_dataplane::flow::{mix, L4Proto};
+use kxp_dataplane::maglev::{MaglevBackend, MaglevConfig, MaglevTable, MAX_BACKENDS};
+use kxp_dataplane::tables::{
+    Backend, Frontend, FrontendKey, FrontendKind, NodeTable, ServicePolicy, ServicePort,
+    ServicePortName, ServiceTable,
+};
+
+use crate::error::ConfigError;
+use crate::manifest::{ManifestSet, DEFAULT_NAMESPACE};
+
+/// Label joining an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Label handing a Service to another proxy.
+pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+/// Label marking a headless Service (and its slices).
+pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when not given.
+pub const DEFAULT_AFFINITY_TIMEOUT_SECS: u32 = 10_800;
+/// The largest timeout the API server accepts (one day).
+pub const MAX_AFFINITY_TIMEOUT_SECS: u32 = 86_400;
+
+/// How to compile.
+#[derive(Debug, Clone, Default)]
+pub struct CompileOptions {
+    pub maglev: MaglevConfig,
+    /// The `service.kubernetes.io/service-proxy-name` value this proxy answers to. Services
+    /// without the label are always compiled; with it, only when it equals this.
+    pub proxy_name: Option<String>,
+}
+
+/// A compiled table and what was wrong with the input.
+#[derive(Debug, Default)]
+pub struct Compiled {
+    pub table: ServiceTable,
+    /// Objects (or parts of them) left out because they are invalid or clash.
+    pub errors: Vec<ConfigError>,
+    /// Services skipped on purpose (headless, ExternalName, another proxy's), one line each.
+    pub notices: Vec<String>,
+}
+
+/// Compiles a manifest set (its errors and notices are not copied: they are the loader's).
+pub fn compile(
+    set: &ManifestSet,
+    node: &NodeTable,
+    opts: &CompileOptions,
+    previous: Option<&ServiceTable>,
+) -> Compiled {
+    compile_objects(&set.services, &set.slices, node, opts, previous)
+}
+
+/// Compiles services and slices. Objects without a namespace are in `default`.
+pub fn compile_objects(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeTable,
+    opts: &CompileOptions,
+    previous: Option<&ServiceTable>,
+) -> Compiled {
+    let mut c = Compiler {
+        node,
+        opts,
+        previous: PreviousPorts::index(previous),
+        out: Compiled::default(),
+    };
+    let slices = c.index_slices(slices);
+
+    let mut sorted: Vec<&Service> = services.iter().collect();
+    sorted.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
+    let mut last: Option<(&str, &str)> = None;
+    for svc in sorted {
+        let key = object_key(&svc.metadata);
+        if last == Some(key) {
+            c.out.errors.push(ConfigError::invalid(
+                format!("{}/{}", key.0, key.1),
+                "",
+                "defined more than once; the first definition is used",
+            ));
+            continue;
+        }
+        last = Some(key);
+        let no_slices = Vec::new();
+        let svc_slices = slices
+            .get(&(key.0.to_string(), key.1.to_string()))
+            .unwrap_or(&no_slices);
+        c.service(svc, svc_slices);
+    }
+    c.out
+}
+
+/// Which endpoints a service port's Maglev tables include, as kube-proxy's
+/// `CategorizeEndpoints` picks them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbMembers {
+    /// Cluster-wide: the ready endpoints; if none is ready, the serving and terminating
+    /// ones (so that connections drain instead of being dropped).
+    pub cluster: Vec<bool>,
+    /// Node-local (traffic policy Local): the ready local endpoints; if none is, the
+    /// serving and terminating local ones.
+    pub local: Vec<bool>,
+}
+
+/// Computes [`LbMembers`] for an endpoint list (same indexes).
+pub fn lb_members(endpoints: &[Backend]) -> LbMembers {
+    let usable = |only_local: bool| {
+        let candidate = |b: &Backend| !only_local || b.local;
+        let any_ready = endpoints.iter().any(|b| candidate(b) && b.ready);
+        endpoints
+            .iter()
+            .map(|b| {
+                candidate(b)
+                    && if any_ready {
+                        b.ready
+                    } else {
+                        b.serving && b.terminating
+                    }
+            })
+            .collect()
+    };
+    LbMembers {
+        cluster: usable(false),
+        local: usable(true),
+    }
+}
+
+/// A backend's Maglev identity: a hash of its address and port, stable across runs, so
+/// that it keeps its slots when other backends change.
+pub fn backend_id(addr: IpAddr, port: u16) -> u64 {
+    let (hi, lo) = match addr {
+        IpAddr::V4(a) => (0x0000_0004_0000_0000, u64::from(u32::from(a))),
+        IpAddr::V6(a) => {
+            let v = u128::from(a);
+            ((v >> 64) as u64, v as u64)
+        }
+    };
+    let h = mix(0x6b78_705f_6265_6b64 ^ hi);
+    let h = mix(h ^ lo);
+    mix(h ^ u64::from(port))
+}
+
+/// Builds a Maglev table over all of `endpoints` (so its indexes are `endpoints`
+/// indexes), giving slots only to the members.
+fn build_table(endpoints: &[Backend], members: &[bool], cfg: &MaglevConfig) -> MaglevTable {
+    if !members.iter().any(|m| *m) {
+        return MaglevTable::empty();
+    }
+    let backends: Vec<MaglevBackend> = endpoints
+        .iter()
+        .zip(members)
+        .map(|(b, &member)| MaglevBackend {
+            id: backend_id(b.addr, b.port),
+            weight: if member { u32::from(b.weight) } else { 0 },
+        })
+        .collect();
+    MaglevTable::build(&backends, cfg)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn of(addr: &IpAddr) -> Self {
+        if addr.is_ipv4() {
+            Self::V4
+        } else {
+            Self::V6
+        }
+    }
+
+    fn of_net(net: &IpNet) -> Self {
+        Self::of(&net.addr())
+    }
+
+    fn api_name(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+}
+
+fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (&str, &str) {
+    (
+        meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
+        meta.name.as_deref().unwrap_or(""),
+    )
+}
+
+fn parse_proto(p: Option<&str>) -> Result<L4Proto, String> {
+    match p {
+        None | Some("TCP") => Ok(L4Proto::Tcp),
+        Some("UDP") => Ok(L4Proto::Udp),
+        Some("SCTP") => Ok(L4Proto::Sctp),
+        Some(other) => Err(format!("{other:?} is not one of TCP, UDP, SCTP")),
+    }
+}
+
+fn parse_port(p: i32) -> Option<u16> {
+    u16::try_from(p).ok().filter(|p| *p != 0)
+}
+
+/// One EndpointSlice, checked.
+#[derive(Debug)]
+struct SliceInfo {
+    family: Family,
+    ports: Vec<SlicePort>,
+    endpoints: Vec<EndpointInfo>,
+}
+
+#[derive(Debug)]
+struct SlicePort {
+    name: String,
+    proto: L4Proto,
+    port: u16,
+}
+
+#[derive(Debug)]
+struct EndpointInfo {
+    addr: IpAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    local: bool,
+}
+
+/// The previous table's service ports by (name, protocol), for reuse.
+struct PreviousPorts<'a> {
+    ports: HashMap<(&'a ServicePortName, L4Proto), Vec<&'a Arc<ServicePort>>>,
+}
+
+impl<'a> PreviousPorts<'a> {
+    fn index(previous: Option<&'a ServiceTable>) -> Self {
+        let mut ports: HashMap<_, Vec<_>> = HashMap::new();
+        for (_, sp) in previous.into_iter().flat_map(|t| t.service_ports()) {
+            ports.entry((&sp.name, sp.proto)).or_default().push(sp);
+        }
+        Self { ports }
+    }
+
+    /// A previous service port of this name and protocol with exactly these endpoints.
+    fn find(
+        &self,
+        name: &ServicePortName,
+        proto: L4Proto,
+        endpoints: &[Backend],
+    ) -> Option<&'a Arc<ServicePort>> {
+        self.ports
+            .get(&(name, proto))?
+            .iter()
+            .find(|sp| sp.endpoints == endpoints)
+            .copied()
+    }
+}
+
+struct Compiler<'a> {
+    node: &'a NodeTable,
+    opts: &'a CompileOptions,
+    previous: PreviousPorts<'a>,
+    out: Compiled,
+}
+
+/// Everything about a service that does not depend on the port.
+struct ServiceInfo {
+    object: String,
+    namespace: String,
+    name: String,
+    /// (family, ClusterIP, field naming it), primary family first.
+    cluster_ips: Vec<(Family, IpAddr, String)>,
+    external_ips: Vec<(IpAddr, String)>,
+    lb_ips: Vec<(IpAddr, String)>,
+    node_ports_allowed: bool,
+    policy: ServicePolicy,
+}
+
+impl<'a> Compiler<'a> {
+    fn error(&mut self, object: &str, field: impl Into<String>, message: impl Into<String>) {
+        self.out
+            .errors
+            .push(ConfigError::invalid(object, field, message));
+    }
+
+    /// Checks every slice once, and groups them by (namespace, service name), each group in
+    /// slice namespace/name order.
+    fn index_slices(&mut self, slices: &[EndpointSlice]) -> BTreeMap<(String, String), Vec<SliceInfo>> {
+        let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
+        sorted.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
+        let mut by_service: BTreeMap<(String, String), Vec<SliceInfo>> = BTreeMap::new();
+        for slice in sorted {
+            let (ns, name) = object_key(&slice.metadata);
+            let object = format!("EndpointSlice {ns}/{name}");
+            let service = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_SERVICE_NAME));
+            let Some(service) = service else {
+                self.out.notices.push(format!(
+                    "{object}: skipped: no {LABEL_SERVICE_NAME} label"
+                ));
+                continue;
+            };
+            let family = match slice.address_type.as_str() {
+                "IPv4" => Family::V4,
+                "IPv6" => Family::V6,
+                "FQDN" => continue,
+                other => {
+                    self.error(
+                        &object,
+                        "addressType",
+                        format!("{other:?} is not one of IPv4, IPv6, FQDN"),
+                    );
+                    continue;
+                }
+            };
+            let mut info = SliceInfo {
+                family,
+                ports: Vec::new(),
+                endpoints: Vec::new(),
+            };
+            for (i, p) in slice.ports.iter().flatten().enumerate() {
+                let proto = match parse_proto(p.protocol.as_deref()) {
+                    Ok(proto) => proto,
+                    Err(m) => {
+                        self.error(&object, format!("ports[{i}].protocol"), m);
+                        continue;
+                    }
+                };
+                let port = match p.port {
+                    Some(n) => match parse_port(n) {
+                        Some(port) => port,
+                        None => {
+                            self.error(
+                                &object,
+                                format!("ports[{i}].port"),
+                                format!("{n} is out of range"),
+                            );
+                            continue;
+                        }
+                    },
+                    None => {
+                        self.error(&object, format!("ports[{i}].port"), "missing");
+                        continue;
+                    }
+                };
+                info.ports.push(SlicePort {
+                    name: p.name.clone().unwrap_or_default(),
+                    proto,
+                    port,
+                });
+            }
+            for (i, ep) in slice.endpoints.iter().enumerate() {
+                // Like kube-proxy, only the first address counts (the API allows one).
+                let Some(first) = ep.addresses.first() else {
+                    self.error(&object, format!("endpoints[{i}].addresses"), "empty");
+                    continue;
+                };
+                let field = format!("endpoints[{i}].addresses[0]");
+                let Ok(addr) = first.trim().parse::<IpAddr>() else {
+                    self.error(&object, field, format!("{first:?} is not an IP address"));
+                    continue;
+                };
+                if Family::of(&addr) != family {
+                    self.error(
+                        &object,
+                        field,
+                        format!("{addr} is not an {} address", family.api_name()),
+                    );
+                    continue;
+                }
+                let cond = ep.conditions.as_ref();
+                let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+                let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+                let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+                let local = ep.node_name.as_deref() == Some(self.node.name.as_str());
+                info.endpoints.push(EndpointInfo {
+                    addr,
+                    ready,
+                    serving,
+                    terminating,
+                    local,
+                });
+            }
+            by_service
+                .entry((ns.to_string(), service.clone()))
+                .or_default()
+                .push(info);
+        }
+        by_service
+    }
+
+    fn service(&mut self, svc: &Service, slices: &[SliceInfo]) {
+        let Some(info) = self.service_info(svc) else {
+            return;
+        };
+        let spec = svc.spec.as_ref().expect("service_info checked the spec");
+        for (i, p) in spec.ports.iter().flatten().enumerate() {
+            let field = format!("spec.ports[{i}]");
+            let proto = match parse_proto(p.protocol.as_deref()) {
+                Ok(proto) => proto,
+                Err(m) => {
+                    self.error(&info.object, format!("{field}.protocol"), m);
+                    continue;
+                }
+            };
+            let Some(port) = parse_port(p.port) else {
+                self.error(
+                    &info.object,
+                    format!("{field}.port"),
+                    format!("{} is out of range", p.port),
+                );
+                continue;
+            };
+            let node_port = match p.node_port {
+                None | Some(0) => None,
+                Some(n) => match parse_port(n) {
+                    Some(np) if info.node_ports_allowed => Some(np),
+                    Some(_) => {
+                        self.error(
+                            &info.object,
+                            format!("{field}.nodePort"),
+                            "may only be used when type is NodePort or LoadBalancer",
+                        );
+                        None
+                    }
+                    None => {
+                        self.error(
+                            &info.object,
+                            format!("{field}.nodePort"),
+                            format!("{n} is out of range"),
+                        );
+                        None
+                    }
+                },
+            };
+            let name = ServicePortName {
+                namespace: info.namespace.clone(),
+                name: info.name.clone(),
+                port_name: p.name.clone().unwrap_or_default(),
+            };
+            for (family, cluster_ip, cluster_ip_field) in &info.cluster_ips {
+                let family = *family;
+                let endpoints = self.endpoints(slices, family, &name, proto);
+                let mut policy = info.policy.clone();
+                policy
+                    .source_ranges
+                    .retain(|r| Family::of_net(r) == family);
+                let sp = self.service_port(name.clone(), proto, endpoints, policy);
+                let id = self.out.table.add_service_port(sp);
+
+                let mut frontends = vec![(
+                    FrontendKind::ClusterIp,
+                    *cluster_ip,
+                    port,
+                    cluster_ip_field.clone(),
+                )];
+                for (ip, f) in &info.external_ips {
+                    if Family::of(ip) == family {
+                        frontends.push((FrontendKind::ExternalIp, *ip, port, f.clone()));
+                    }
+                }
+                for (ip, f) in &info.lb_ips {
+                    if Family::of(ip) == family {
+                        frontends.push((FrontendKind::LoadBalancer, *ip, port, f.clone()));
+                    }
+                }
+                if let Some(np) = node_port {
+                    for ip in self.node.node_port_addresses() {
+                        if Family::of(ip) == family {
+                            frontends.push((
+                                FrontendKind::NodePort,
+                                *ip,
+                                np,
+                                format!("{field}.nodePort"),
+                            ));
+                        }
+                    }
+                }
+                for (kind, addr, port, f) in frontends {
+                    let key = FrontendKey { addr, proto, port };
+                    let frontend = Frontend {
+                        kind,
+                        service_port: id,
+                    };
+                    if let Err(existing) = self.out.table.add_frontend(key, frontend) {
+                        let holder = &self.out.table.service_port(existing.service_port).name;
+                        let message = format!(
+                            "{} {}/{} is already taken by {} {holder}",
+                            kind.as_str(),
+                            SocketAddr::new(addr, port),
+                            proto.as_str(),
+                            existing.kind.as_str(),
+                        );
+                        self.out
+                            .errors
+                            .push(ConfigError::clash(&info.object, f, message));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks the port-independent parts of a service; `None` when it is skipped or
+    /// unusable (reported).
+    fn service_info(&mut self, svc: &Service) -> Option<ServiceInfo> {
+        let (namespace, name) = object_key(&svc.metadata);
+        let object = format!("{namespace}/{name}");
+        let labels = svc.metadata.labels.as_ref();
+        if let Some(proxy) = labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME)) {
+            if self.opts.proxy_name.as_deref() != Some(proxy.as_str()) {
+                self.out.notices.push(format!(
+                    "{object}: skipped: {LABEL_SERVICE_PROXY_NAME} is {proxy:?}"
+                ));
+                return None;
+            }
+        }
+        if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
+            self.out
+                .notices
+                .push(format!("{object}: skipped: labelled {LABEL_HEADLESS}"));
+            return None;
+        }
+        let Some(spec) = svc.spec.as_ref() else {
+            self.error(&object, "spec", "missing");
+            return None;
+        };
+        let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+        let node_ports_allowed = match ty {
+            "ClusterIP" => false,
+            "NodePort" | "LoadBalancer" => true,
+            "ExternalName" => {
+                self.out
+                    .notices
+                    .push(format!("{object}: skipped: type ExternalName"));
+                return None;
+            }
+            other => {
+                self.error(
+                    &object,
+                    "spec.type",
+                    format!("{other:?} is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"),
+                );
+                return None;
+            }
+        };
+
+        // ClusterIPs: spec.clusterIPs, or spec.clusterIP for objects written without it.
+        let listed: Vec<(&str, String)> = match (&spec.cluster_ips, &spec.cluster_ip) {
+            (Some(ips), _) if !ips.is_empty() => ips
+                .iter()
+                .enumerate()
+                .map(|(i, ip)| (ip.as_str(), format!("spec.clusterIPs[{i}]")))
+                .collect(),
+            (_, Some(ip)) if !ip.is_empty() => vec![(ip.as_str(), "spec.clusterIP".to_string())],
+            _ => Vec::new(),
+        };
+        match listed.first() {
+            Some(("None", _)) => {
+                self.out
+                    .notices
+                    .push(format!("{object}: skipped: headless (clusterIP None)"));
+                return None;
+            }
+            None => {
+                self.error(
+                    &object,
+                    "spec.clusterIP",
+                    "not set (kxp does not allocate ClusterIPs)",
+                );
+                return None;
+            }
+            Some(_) => {}
+        }
+        let mut cluster_ips: Vec<(Family, IpAddr, String)> = Vec::new();
+        for (i, (ip, field)) in listed.into_iter().enumerate() {
+            let Ok(addr) = ip.trim().parse::<IpAddr>() else {
+                self.error(&object, field, format!("{ip:?} is not an IP address"));
+                continue;
+            };
+            let family = Family::of(&addr);
+            if cluster_ips.iter().any(|(f, _, _)| *f == family) {
+                self.error(
+                    &object,
+                    field,
+                    format!("a second {} ClusterIP ({addr})", family.api_name()),
+                );
+                continue;
+            }
+            if let Some(declared) = spec.ip_families.as_ref().and_then(|f| f.get(i)) {
+                if declared != family.api_name() {
+                    self.error(
+                        &object,
+                        format!("spec.ipFamilies[{i}]"),
+                        format!("{declared} does not match the ClusterIP {addr}"),
+                    );
+                }
+            }
+            cluster_ips.push((family, addr, field));
+        }
+        if cluster_ips.is_empty() {
+            return None;
+        }
+
+        let mut external_ips = Vec::new();
+        for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+            let field = format!("spec.externalIPs[{i}]");
+            match ip.trim().parse::<IpAddr>() {
+                Ok(addr) => external_ips.push((addr, field)),
+                Err(_) => self.error(&object, field, format!("{ip:?} is not an IP address")),
+            }
+        }
+        let mut lb_ips = Vec::new();
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            // Proxy-mode load balancers deliver to the node, not to the VIP.
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            let Some(ip) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+                continue;
+            };
+            let field = format!("status.loadBalancer.ingress[{i}].ip");
+            match ip.trim().parse::<IpAddr>() {
+                Ok(addr) => lb_ips.push((addr, field)),
+                Err(_) => self.error(&object, field, format!("{ip:?} is not an IP address")),
+            }
+        }
+
+        let externally_accessible =
+            node_ports_allowed || spec.external_ips.as_ref().is_some_and(|e| !e.is_empty());
+        let external_local = match spec.external_traffic_policy.as_deref() {
+            None | Some("Cluster") => false,
+            Some("Local") => externally_accessible,
+            Some(other) => {
+                self.error(
+                    &object,
+                    "spec.externalTrafficPolicy",
+                    format!("{other:?} is not one of Cluster, Local"),
+                );
+                false
+            }
+        };
+        let internal_local = match spec.internal_traffic_policy.as_deref() {
+            None | Some("Cluster") => false,
+            Some("Local") => true,
+            Some(other) => {
+                self.error(
+                    &object,
+                    "spec.internalTrafficPolicy",
+                    format!("{other:?} is not one of Cluster, Local"),
+                );
+                false
+            }
+        };
+        let affinity_timeout_secs = match spec.session_affinity.as_deref() {
+            None | Some("None") => 0,
+            Some("ClientIP") => {
+                let timeout = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds);
+                match timeout {
+                    None => DEFAULT_AFFINITY_TIMEOUT_SECS,
+                    Some(t) if t > 0 && t as u32 <= MAX_AFFINITY_TIMEOUT_SECS => t as u32,
+                    Some(t) => {
+                        self.error(
+                            &object,
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                            format!(
+                                "{t} is out of range (1..={MAX_AFFINITY_TIMEOUT_SECS}); using {DEFAULT_AFFINITY_TIMEOUT_SECS}"
+                            ),
+                        );
+                        DEFAULT_AFFINITY_TIMEOUT_SECS
+                    }
+                }
+            }
+            Some(other) => {
+                self.error(
+                    &object,
+                    "spec.sessionAffinity",
+                    format!("{other:?} is not one of None, ClientIP"),
+                );
+                0
+            }
+        };
+        let mut source_ranges = Vec::new();
+        for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+            match r.trim().parse::<IpNet>() {
+                Ok(net) => source_ranges.push(net.trunc()),
+                Err(_) => self.error(
+                    &object,
+                    format!("spec.loadBalancerSourceRanges[{i}]"),
+                    format!("{r:?} is not a CIDR"),
+                ),
+            }
+        }
+
+        Some(ServiceInfo {
+            object,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            cluster_ips,
+            external_ips,
+            lb_ips,
+            node_ports_allowed,
+            policy: ServicePolicy {
+                external_local,
+                internal_local,
+                affinity_timeout_secs,
+                source_ranges,
+            },
+        })
+    }
+
+    /// The endpoints of one service port in one family, deduplicated and sorted.
+    fn endpoints(
+        &mut self,
+        slices: &[SliceInfo],
+        family: Family,
+        name: &ServicePortName,
+        proto: L4Proto,
+    ) -> Vec<Backend> {
+        let mut by_key: BTreeMap<(IpAddr, u16), Backend> = BTreeMap::new();
+        for slice in slices.iter().filter(|s| s.family == family) {
+            let Some(sp) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == name.port_name && p.proto == proto)
+            else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                let b = Backend {
+                    addr: ep.addr,
+                    port: sp.port,
+                    ready: ep.ready,
+                    serving: ep.serving,
+                    terminating: ep.terminating,
+                    local: ep.local,
+                    weight: 1,
+                };
+                // As kube-proxy: the first one wins, unless a later one is local.
+                let key = (b.addr, b.port);
+                if b.local || !by_key.contains_key(&key) {
+                    by_key.insert(key, b);
+                }
+            }
+        }
+        let mut endpoints: Vec<Backend> = by_key.into_values().collect();
+        if endpoints.len() > MAX_BACKENDS {
+            self.error(
+                &format!("{}/{}", name.namespace, name.name),
+                "",
+                format!(
+                    "{name}: {} endpoints, only the first {MAX_BACKENDS} are used",
+                    endpoints.len()
+                ),
+            );
+            endpoints.truncate(MAX_BACKENDS);
+        }
+        endpoints
+    }
+
+    /// A service port, reusing the previous one (or its Maglev tables) when its endpoints
+    /// did not change.
+    fn service_port(
+        &mut self,
+        name: ServicePortName,
+        proto: L4Proto,
+        endpoints: Vec<Backend>,
+        policy: ServicePolicy,
+    ) -> Arc<ServicePort> {
+        if let Some(old) = self.previous.find(&name, proto, &endpoints) {
+            if old.policy == policy {
+                return Arc::clone(old);
+            }
+            return Arc::new(ServicePort {
+                name,
+                proto,
+                endpoints,
+                cluster_lb: Arc::clone(&old.cluster_lb),
+                local_lb: Arc::clone(&old.local_lb),
+                policy,
+            });
+        }
+        let members = lb_members(&endpoints);
+        let cfg = &self.opts.maglev;
+        let cluster_lb = Arc::new(build_table(&endpoints, &members.cluster, cfg));
+        let local_lb = if members.local == members.cluster {
+            Arc::clone(&cluster_lb)
+        } else {
+            Arc::new(build_table(&endpoints, &members.local, cfg))
+        };
+        Arc::new(ServicePort {
+            name,
+            proto,
+            endpoints,
+            cluster_lb,
+            local_lb,
+            policy,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::parse_manifests;
+    use crate::node::parse_node;
+
+    const NODE: &str = r#"
+name: node-a
+addresses: [192.168.50.2, "fd00:50::2"]
+clusterCIDRs: [10.244.0.0/16, "fd00:244::/56"]
+serviceCIDRs: [10.96.0.0/16, "fd00:96::/112"]
+"#;
+
+    fn node() -> NodeTable {
+        parse_node(NODE, "node.yaml").unwrap()
+    }
+
+    fn run(yaml: &str) -> Compiled {
+        run_with(yaml, &CompileOptions::default(), None)
+    }
+
+    fn run_with(yaml: &str, opts: &CompileOptions, previous: Option<&ServiceTable>) -> Compiled {
+        let set = parse_manifests(yaml, "test.yaml");
+        assert!(set.errors.is_empty(), "manifest errors: {:?}", set.errors);
+        compile(&set, &node(), opts, previous)
+    }
+
+    fn fe(t: &ServiceTable, addr: &str, proto: L4Proto, port: u16) -> Option<Frontend> {
+        t.frontend(&FrontendKey {
+            addr: addr.parse().unwrap(),
+            proto,
+            port,
+        })
+    }
+
+    /// The service port a frontend leads to.
+    fn sp_at<'t>(t: &'t ServiceTable, addr: &str, port: u16) -> &'t ServicePort {
+        let f = fe(t, addr, L4Proto::Tcp, port)
+            .unwrap_or_else(|| panic!("no frontend {addr}:{port}"));
+        t.service_port(f.service_port)
+    }
+
+    fn addrs(sp: &ServicePort) -> Vec<String> {
+        sp.endpoints
+            .iter()
+            .map(|b| SocketAddr::new(b.addr, b.port).to_string())
+            .collect()
+    }
+
+    fn members_of(sp: &ServicePort, m: &[bool]) -> Vec<String> {
+        sp.endpoints
+            .iter()
+            .zip(m)
+            .filter(|(_, m)| **m)
+            .map(|(b, _)| SocketAddr::new(b.addr, b.port).to_string())
+            .collect()
+    }
+
+    /// Whatever the Maglev table picks is a member (vacuous while Maglev is unbuilt), and
+    /// a table with members is not empty once Maglev is built.
+    fn check_table(sp: &ServicePort, table: &MaglevTable, members: &[bool]) {
+        let mut seen = vec![false; members.len()];
+        for i in 0..4096u64 {
+            if let Some(idx) = table.lookup(mix(i)) {
+                assert!(members[idx as usize], "{}: slot -> non-member {idx}", sp.name);
+                seen[idx as usize] = true;
+            }
+        }
+        if !members.iter().any(|m| *m) {
+            assert!(table.is_empty());
+        } else if !table.is_empty() {
+            assert_eq!(seen, members, "{}: every member gets slots", sp.name);
+        }
+    }
+
+    fn check_tables(t: &ServiceTable) {
+        for (_, sp) in t.service_ports() {
+            let m = lb_members(&sp.endpoints);
+            check_table(sp, &sp.cluster_lb, &m.cluster);
+            check_table(sp, &sp.local_lb, &m.local);
+        }
+    }
+
+    const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+    - {name: http, port: 80, targetPort: web}
+    - {name: metrics, port: 9100, targetPort: 9100}
+    - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+  - {name: http, port: 8080}
+  - {name: metrics, port: 9100}
+  - {name: dns, port: 5353, protocol: UDP}
+  - {name: dns, port: 9999, protocol: TCP}
+endpoints:
+  - {addresses: [10.244.1.2], nodeName: node-a}
+  - {addresses: [10.244.2.3], nodeName: node-b, conditions: {ready: true}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-2
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+  - {name: http, port: 8080}
+endpoints:
+  - {addresses: [10.244.2.3], nodeName: node-b}
+  - {addresses: [10.244.3.4], nodeName: node-c, conditions: {ready: false}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: other-1
+  labels: {kubernetes.io/service-name: other}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.9.9]}]
+"#;
+
+    #[test]
+    fn target_port_by_name_and_number() {
+        let c = run(WEB);
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        let t = &c.table;
+        let http = sp_at(t, "10.96.0.10", 80);
+        assert_eq!(http.name.to_string(), "default/web:http");
+        assert_eq!(http.proto, L4Proto::Tcp);
+        // Deduplicated across slices, sorted, other services' slices not joined.
+        assert_eq!(
+            addrs(http),
+            ["10.244.1.2:8080", "10.244.2.3:8080", "10.244.3.4:8080"]
+        );
+        assert_eq!(
+            http.endpoints.iter().map(|b| b.local).collect::<Vec<_>>(),
+            [true, false, false]
+        );
+        let m = lb_members(&http.endpoints);
+        assert_eq!(
+            members_of(http, &m.cluster),
+            ["10.244.1.2:8080", "10.244.2.3:8080"]
+        );
+        assert_eq!(members_of(http, &m.local), ["10.244.1.2:8080"]);
+        assert_eq!(
+            addrs(sp_at(t, "10.96.0.10", 9100)),
+            ["10.244.1.2:9100", "10.244.2.3:9100"]
+        );
+        // The slice port of the same name but another protocol is not used.
+        let dns = t
+            .service_port(fe(t, "10.96.0.10", L4Proto::Udp, 53).unwrap().service_port);
+        assert_eq!(addrs(dns), ["10.244.1.2:5353", "10.244.2.3:5353"]);
+        assert!(fe(t, "10.96.0.10", L4Proto::Tcp, 53).is_none());
+        assert_eq!(t.frontend_count(), 3);
+        assert!(t.is_cluster_ip(&"10.96.0.10".parse().unwrap()));
+        check_tables(t);
+    }
+
+    #[test]
+    fn dual_stack_gives_a_port_per_family() {
+        let c = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ds}
+spec:
+  clusterIP: 10.96.0.20
+  clusterIPs: [10.96.0.20, "fd00:96::20"]
+  ipFamilies: [IPv4, IPv6]
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ds-v4, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.1.5]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ds-v6, labels: {kubernetes.io/service-name: ds}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ["fd00:244::5"]}, {addresses: ["fd00:244::6"]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ds-fqdn, labels: {kubernetes.io/service-name: ds}}
+addressType: FQDN
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [web.example.com]}]
+"#);
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        let t = &c.table;
+        assert_eq!(t.service_ports().count(), 2);
+        let v4 = sp_at(t, "10.96.0.20", 80);
+        let v6 = sp_at(t, "fd00:96::20", 80);
+        assert_eq!(addrs(v4), ["10.244.1.5:8080"]);
+        assert_eq!(addrs(v6), ["[fd00:244::5]:8080", "[fd00:244::6]:8080"]);
+        assert_eq!(v4.name, v6.name);
+        check_tables(t);
+    }
+
+    #[test]
+    fn node_port_frontends_on_node_addresses_of_the_family() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  ports: [{port: 80, nodePort: 30080}]
+"#;
+        let c = run(yaml);
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        let t = &c.table;
+        let f = fe(t, "192.168.50.2", L4Proto::Tcp, 30080).unwrap();
+        assert_eq!(f.kind, FrontendKind::NodePort);
+        assert_eq!(
+            f.service_port,
+            fe(t, "10.96.0.30", L4Proto::Tcp, 80).unwrap().service_port
+        );
+        // Single-stack v4 service: not on the node's v6 address.
+        assert!(fe(t, "fd00:50::2", L4Proto::Tcp, 30080).is_none());
+        assert_eq!(t.frontend_count(), 2);
+        assert!(!t.is_cluster_ip(&"192.168.50.2".parse().unwrap()));
+
+        // nodePortAddresses restricts them.
+        let mut n = node();
+        n.addresses.push("192.168.60.2".parse().unwrap());
+        n.node_port_addresses = vec!["192.168.60.2".parse().unwrap()];
+        let c = compile(
+            &parse_manifests(yaml, "t"),
+            &n,
+            &CompileOptions::default(),
+            None,
+        );
+        assert!(fe(&c.table, "192.168.50.2", L4Proto::Tcp, 30080).is_none());
+        assert!(fe(&c.table, "192.168.60.2", L4Proto::Tcp, 30080).is_some());
+
+        // nodePort on a ClusterIP service is an error; the port still compiles.
+        let c = run(&yaml.replace("type: NodePort", "type: ClusterIP"));
+        assert_eq!(
+            c.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            ["default/np: spec.ports[0].nodePort: may only be used when type is NodePort or LoadBalancer"]
+        );
+        assert!(fe(&c.table, "10.96.0.30", L4Proto::Tcp, 80).is_some());
+        assert!(fe(&c.table, "192.168.50.2", L4Proto::Tcp, 30080).is_none());
+    }
+
+    #[test]
+    fn load_balancer_ingress_and_external_ips() {
+        let c = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: edge}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.40
+  externalIPs: [198.51.100.7, "2001:db8::7"]
+  loadBalancerSourceRanges: [203.0.113.0/24, " 10.0.0.0/8", "2001:db8::/32"]
+  ports: [{name: https, port: 443, nodePort: 30443}]
+status:
+  loadBalancer:
+    ingress:
+      - ip: 203.0.113.10
+      - {ip: 203.0.113.11, ipMode: Proxy}
+      - hostname: lb.example.com
+      - {ip: 203.0.113.12, ipMode: VIP}
+"#);
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        let t = &c.table;
+        let kind = |a: &str, p| fe(t, a, L4Proto::Tcp, p).map(|f| f.kind);
+        assert_eq!(kind("10.96.0.40", 443), Some(FrontendKind::ClusterIp));
+        assert_eq!(kind("198.51.100.7", 443), Some(FrontendKind::ExternalIp));
+        assert_eq!(kind("203.0.113.10", 443), Some(FrontendKind::LoadBalancer));
+        assert_eq!(kind("203.0.113.12", 443), Some(FrontendKind::LoadBalancer));
+        assert_eq!(kind("203.0.113.11", 443), None);
+        assert_eq!(kind("2001:db8::7", 443), None);
+        assert_eq!(kind("192.168.50.2", 30443), Some(FrontendKind::NodePort));
+        assert_eq!(t.frontend_count(), 5);
+        let sp = sp_at(t, "203.0.113.10", 443);
+        assert_eq!(
+            sp.policy.source_ranges,
+            vec![
+                "203.0.113.0/24".parse::<IpNet>().unwrap(),
+                "10.0.0.0/8".parse().unwrap()
+            ]
+        );
+        assert_eq!(sp.policy.affinity_timeout_secs, 0);
+        assert!(sp.endpoints.is_empty());
+        assert!(sp.cluster_lb.is_empty());
+    }
+
+    #[test]
+    fn headless_external_name_and_proxy_name_are_skipped() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec: {clusterIP: None, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec: {type: ExternalName, externalName: example.com}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: labelled, labels: {service.kubernetes.io/headless: ""}}
+spec: {clusterIP: 10.96.0.51, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: theirs, labels: {service.kubernetes.io/service-proxy-name: other}}
+spec: {clusterIP: 10.96.0.52, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ours, labels: {service.kubernetes.io/service-proxy-name: kxp}}
+spec: {clusterIP: 10.96.0.53, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain}
+spec: {clusterIP: 10.96.0.54, ports: [{port: 80}]}
+"#;
+        let c = run(yaml);
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        assert_eq!(c.table.frontend_count(), 1);
+        assert!(fe(&c.table, "10.96.0.54", L4Proto::Tcp, 80).is_some());
+        assert_eq!(c.notices.len(), 5, "{:?}", c.notices);
+        assert!(c.notices.iter().any(|n| n.starts_with("default/headless: ")));
+        assert!(c.notices.iter().any(|n| n.starts_with("default/ext: ")));
+
+        let opts = CompileOptions {
+            proxy_name: Some("kxp".into()),
+            ..Default::default()
+        };
+        let c = run_with(yaml, &opts, None);
+        assert_eq!(c.table.frontend_count(), 2);
+        assert!(fe(&c.table, "10.96.0.53", L4Proto::Tcp, 80).is_some());
+        assert!(fe(&c.table, "10.96.0.52", L4Proto::Tcp, 80).is_none());
+    }
+
+    const TERMINATING: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: t}
+spec: {clusterIP: 10.96.0.60, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: t-1, labels: {kubernetes.io/service-name: t}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+  - {addresses: [10.244.1.1], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}
+  - {addresses: [10.244.1.2], nodeName: node-b, conditions: {ready: false, serving: false, terminating: true}}
+  - {addresses: [10.244.1.3], nodeName: node-b, conditions: {ready: false, terminating: true}}
+  - {addresses: [10.244.1.4], nodeName: node-b, conditions: {ready: false, serving: true, terminating: true}}
+  - {addresses: [10.244.1.5], nodeName: node-b, conditions: {ready: false}}
+"#;
+
+    #[test]
+    fn falls_back_to_serving_terminating_endpoints() {
+        let c = run(TERMINATING);
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        let sp = sp_at(&c.table, "10.96.0.60", 80);
+        // All of them stay known.
+        assert_eq!(sp.endpoints.len(), 5);
+        assert!(!sp.endpoints[2].serving, "serving nil = ready");
+        let m = lb_members(&sp.endpoints);
+        assert_eq!(
+            members_of(sp, &m.cluster),
+            ["10.244.1.1:8080", "10.244.1.4:8080"]
+        );
+        assert_eq!(members_of(sp, &m.local), ["10.244.1.1:8080"]);
+        check_tables(&c.table);
+
+        // One ready endpoint anywhere: only it, cluster-wide. Locally, the terminating
+        // local one still serves (kube-proxy computes the local fallback on its own).
+        let c = run(&format!(
+            "{TERMINATING}  - {{addresses: [10.244.1.6], nodeName: node-c}}\n"
+        ));
+        let sp = sp_at(&c.table, "10.96.0.60", 80);
+        let m = lb_members(&sp.endpoints);
+        assert_eq!(members_of(sp, &m.cluster), ["10.244.1.6:8080"]);
+        assert_eq!(members_of(sp, &m.local), ["10.244.1.1:8080"]);
+        check_tables(&c.table);
+    }
+
+    #[test]
+    fn traffic_policies_and_affinity() {
+        let c = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: local}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.70
+  externalTrafficPolicy: Local
+  sessionAffinity: ClientIP
+  ports: [{port: 80, nodePort: 30070}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: internal}
+spec:
+  clusterIP: 10.96.0.71
+  externalTrafficPolicy: Local
+  internalTrafficPolicy: Local
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec:
+  clusterIP: 10.96.0.72
+  externalIPs: [198.51.100.72]
+  externalTrafficPolicy: Local
+  ports: [{port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-1, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+  - {addresses: [10.244.1.1], nodeName: node-a}
+  - {addresses: [10.244.2.1], nodeName: node-b}
+  - {addresses: [10.244.1.2], nodeName: node-a, conditions: {ready: false}}
+"#);
+        assert!(c.errors.is_empty(), "{:?}", c.errors);
+        let t = &c.table;
+        let local = sp_at(t, "10.96.0.70", 80);
+        assert!(local.policy.external_local);
+        assert!(!local.policy.internal_local);
+        assert_eq!(local.policy.affinity_timeout_secs, DEFAULT_AFFINITY_TIMEOUT_SECS);
+        let m = lb_members(&local.endpoints);
+        assert_eq!(
+            members_of(local, &m.cluster),
+            ["10.244.1.1:8080", "10.244.2.1:8080"]
+        );
+        assert_eq!(members_of(local, &m.local), ["10.244.1.1:8080"]);
+        assert!(!Arc::ptr_eq(&local.cluster_lb, &local.local_lb));
+        check_tables(t);
+
+        // eTP does not apply to a ClusterIP service without externalIPs (Kubernetes).
+        let internal = sp_at(t, "10.96.0.71", 80);
+        assert!(!internal.policy.external_local);
+        assert!(internal.policy.internal_local);
+        assert_eq!(internal.policy.affinity_timeout_secs, 60);
+        // ... but does to one with externalIPs.
+        assert!(sp_at(t, "10.96.0.72", 80).policy.external_local);
+    }
+
+    #[test]
+    fn clash_names_the_object_and_the_rest_compiles() {
+        let c = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: b-second}
+spec: {clusterIP: 10.96.0.80, ports: [{name: x, port: 80}, {name: y, port: 81}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: a-first}
+spec: {clusterIP: 10.96.0.80, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: c}
+spec: {clusterIP: 10.96.0.81, ports: [{port: 80}]}
+"#);
+        assert_eq!(
+            c.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            ["default/b-second: spec.clusterIP: ClusterIP 10.96.0.80:80/tcp is already taken by ClusterIP default/a-first:http"]
+        );
+        assert!(matches!(c.errors[0], ConfigError::Clash { .. }));
+        let t = &c.table;
+        assert_eq!(sp_at(t, "10.96.0.80", 80).name.name, "a-first");
+        assert_eq!(sp_at(t, "10.96.0.80", 81).name.name, "b-second");
+        assert_eq!(sp_at(t, "10.96.0.81", 80).name.name, "c");
+    }
+
+    #[test]
+    fn bad_values_are_reported_and_the_rest_compiles() {
+        let c = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.90
+  externalIPs: [not-an-ip, 198.51.100.90]
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 100000}}
+  ports:
+    - {name: ok, port: 80}
+    - {name: big, port: 70000}
+    - {name: np, port: 82, nodePort: 70000}
+    - {name: proto, port: 83, protocol: ICMP}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: noip}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: badip}
+spec: {clusterIP: 10.96.0.999, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: ok, port: 8080}]
+endpoints:
+  - {addresses: ["fd00::1"]}
+  - {addresses: [10.244.0.1]}
+"#);
+        let errors: Vec<String> = c.errors.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            errors,
+            [
+                r#"EndpointSlice default/web-1: endpoints[0].addresses[0]: fd00::1 is not an IPv4 address"#,
+                r#"default/badip: spec.clusterIP: "10.96.0.999" is not an IP address"#,
+                "default/noip: spec.clusterIP: not set (kxp does not allocate ClusterIPs)",
+                r#"default/web: spec.externalIPs[0]: "not-an-ip" is not an IP address"#,
+                "default/web: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 100000 is out of range (1..=86400); using 10800",
+                "default/web: spec.ports[1].port: 70000 is out of range",
+                "default/web: spec.ports[2].nodePort: 70000 is out of range",
+                r#"default/web: spec.ports[3].protocol: "ICMP" is not one of TCP, UDP, SCTP"#,
+            ]
+        );
+        let t = &c.table;
+        assert_eq!(addrs(sp_at(t, "10.96.0.90", 80)), ["10.244.0.1:8080"]);
+        assert!(fe(t, "198.51.100.90", L4Proto::Tcp, 80).is_some());
+        assert!(fe(t, "10.96.0.90", L4Proto::Tcp, 82).is_some());
+        assert_eq!(t.frontend_count(), 3);
+    }
+
+    fn snapshot(t: &ServiceTable) -> Vec<String> {
+        let mut v: Vec<String> = t
+            .frontends()
+            .map(|(k, f)| {
+                let sp = t.service_port(f.service_port);
+                format!(
+                    "{} {}/{} -> #{} {} {:?}",
+                    f.kind.as_str(),
+                    SocketAddr::new(k.addr, k.port),
+                    k.proto.as_str(),
+                    f.service_port.0,
+                    sp.name,
+                    sp.endpoints
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn deterministic_whatever_the_input_order() {
+        let set = parse_manifests(WEB, "a");
+        let mut rev = set.clone();
+        rev.services.reverse();
+        rev.slices.reverse();
+        let opts = CompileOptions::default();
+        let a = compile(&set, &node(), &opts, None);
+        let b = compile(&rev, &node(), &opts, None);
+        assert_eq!(snapshot(&a.table), snapshot(&b.table));
+        for ((_, x), (_, y)) in a.table.service_ports().zip(b.table.service_ports()) {
+            assert_eq!(x.endpoints, y.endpoints);
+            assert_eq!(*x.cluster_lb, *y.cluster_lb);
+            assert_eq!(*x.local_lb, *y.local_lb);
+        }
+    }
+
+    #[test]
+    fn unchanged_service_ports_and_tables_are_reused() {
+        let base = format!(
+            "{WEB}---\n{}",
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api}
+spec: {clusterIP: 10.96.0.100, ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-1, labels: {kubernetes.io/service-name: api}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [10.244.5.1]}, {addresses: [10.244.5.2]}]
+"#
+        );
+        let opts = CompileOptions::default();
+        let first = run_with(&base, &opts, None);
+
+        // Same input: every service port is the same Arc.
+        let again = run_with(&base, &opts, Some(&first.table));
+        assert_eq!(first.table.service_ports().count(), again.table.service_ports().count());
+        for ((_, a), (_, b)) in first.table.service_ports().zip(again.table.service_ports()) {
+            assert!(Arc::ptr_eq(a, b), "{} not reused", a.name);
+        }
+
+        // One more api endpoint: api is rebuilt, web untouched.
+        let grown = base.replace(
+            "{addresses: [10.244.5.2]}]",
+            "{addresses: [10.244.5.2]}, {addresses: [10.244.5.3]}]",
+        );
+        let next = run_with(&grown, &opts, Some(&again.table));
+        let old_api = again.table.service_port_arc(
+            fe(&again.table, "10.96.0.100", L4Proto::Tcp, 80).unwrap().service_port,
+        );
+        let new_api = next.table.service_port_arc(
+            fe(&next.table, "10.96.0.100", L4Proto::Tcp, 80).unwrap().service_port,
+        );
+        assert!(!Arc::ptr_eq(old_api, new_api));
+        assert!(!Arc::ptr_eq(&old_api.cluster_lb, &new_api.cluster_lb));
+        assert_eq!(new_api.endpoints.len(), 3);
+        let web = |t: &ServiceTable| {
+            Arc::clone(t.service_port_arc(fe(t, "10.96.0.10", L4Proto::Tcp, 80).unwrap().service_port))
+        };
+        assert!(Arc::ptr_eq(&web(&again.table), &web(&next.table)));
+
+        // Only the policy changes: a new ServicePort, the same Maglev tables.
+        let sticky = grown.replace(
+            "spec: {clusterIP: 10.96.0.100,",
+            "spec: {sessionAffinity: ClientIP, clusterIP: 10.96.0.100,",
+        );
+        let last = run_with(&sticky, &opts, Some(&next.table));
+        let api = last.table.service_port_arc(
+            fe(&last.table, "10.96.0.100", L4Proto::Tcp, 80).unwrap().service_port,
+        );
+        assert!(!Arc::ptr_eq(api, new_api));
+        assert_eq!(api.policy.affinity_timeout_secs, DEFAULT_AFFINITY_TIMEOUT_SECS);
+        assert!(Arc::ptr_eq(&api.cluster_lb, &new_api.cluster_lb));
+        assert!(Arc::ptr_eq(&api.local_lb, &new_api.local_lb));
+        assert!(Arc::ptr_eq(&web(&next.table), &web(&last.table)));
+
+        // A condition change is a change.
+        let unready = sticky.replace(
+            "{addresses: [10.244.5.3]}",
+            "{addresses: [10.244.5.3], conditions: {ready: false}}",
+        );
+        let after = run_with(&unready, &opts, Some(&last.table));
+        let api2 = after.table.service_port_arc(
+            fe(&after.table, "10.96.0.100", L4Proto::Tcp, 80).unwrap().service_port,
+        );
+        assert!(!Arc::ptr_eq(&api.cluster_lb, &api2.cluster_lb));
+        check_tables(&after.table);
+    }
+
+    #[test]
+    fn backend_ids_are_stable_and_distinct() {
+        let a: IpAddr = "10.244.1.2".parse().unwrap();
+        let b: IpAddr = "10.244.1.3".parse().unwrap();
+        assert_eq!(backend_id(a, 80), backend_id(a, 80));
+        assert_ne!(backend_id(a, 80), backend_id(a, 81));
+        assert_ne!(backend_id(a, 80), backend_id(b, 80));
+        assert_ne!(backend_id(a, 80), backend_id("::ffff:10.244.1.2".parse().unwrap(), 80));
+    }
+}
