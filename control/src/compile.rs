@@ -331,7 +331,10 @@ impl<'a> Compiler<'a> {
 
     /// Checks every slice once, and groups them by (namespace, service name), each group in
     /// slice namespace/name order.
-    fn index_slices(&mut self, slices: &[EndpointSlice]) -> BTreeMap<(String, String), Vec<SliceInfo>> {
+    fn index_slices(
+        &mut self,
+        slices: &[EndpointSlice],
+    ) -> BTreeMap<(String, String), Vec<SliceInfo>> {
         let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
         sorted.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
         let mut by_service: BTreeMap<(String, String), Vec<SliceInfo>> = BTreeMap::new();
@@ -344,9 +347,9 @@ impl<'a> Compiler<'a> {
                 .as_ref()
                 .and_then(|l| l.get(LABEL_SERVICE_NAME));
             let Some(service) = service else {
-                self.out.notices.push(format!(
-                    "{object}: skipped: no {LABEL_SERVICE_NAME} label"
-                ));
+                self.out
+                    .notices
+                    .push(format!("{object}: skipped: no {LABEL_SERVICE_NAME} label"));
                 continue;
             };
             let family = match slice.address_type.as_str() {
@@ -491,9 +494,7 @@ impl<'a> Compiler<'a> {
                 let family = *family;
                 let endpoints = self.endpoints(slices, family, &name, proto);
                 let mut policy = info.policy.clone();
-                policy
-                    .source_ranges
-                    .retain(|r| Family::of_net(r) == family);
+                policy.source_ranges.retain(|r| Family::of_net(r) == family);
                 let sp = self.service_port(name.clone(), proto, endpoints, policy);
                 let id = self.out.table.add_service_port(sp);
 
@@ -587,7 +588,9 @@ impl<'a> Compiler<'a> {
                 self.error(
                     &object,
                     "spec.type",
-                    format!("{other:?} is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"),
+                    format!(
+                        "{other:?} is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"
+                    ),
                 );
                 return None;
             }
@@ -738,7 +741,12 @@ impl<'a> Compiler<'a> {
             }
         };
         let mut source_ranges = Vec::new();
-        for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+        for (i, r) in spec
+            .load_balancer_source_ranges
+            .iter()
+            .flatten()
+            .enumerate()
+        {
             match r.trim().parse::<IpNet>() {
                 Ok(net) => source_ranges.push(net.trunc()),
                 Err(_) => self.error(
@@ -893,8 +901,8 @@ serviceCIDRs: [10.96.0.0/16, "fd00:96::/112"]
 
     /// The service port a frontend leads to.
     fn sp_at<'t>(t: &'t ServiceTable, addr: &str, port: u16) -> &'t ServicePort {
-        let f = fe(t, addr, L4Proto::Tcp, port)
-            .unwrap_or_else(|| panic!("no frontend {addr}:{port}"));
+        let f =
+            fe(t, addr, L4Proto::Tcp, port).unwrap_or_else(|| panic!("no frontend {addr}:{port}"));
         t.service_port(f.service_port)
     }
 
@@ -920,7 +928,11 @@ serviceCIDRs: [10.96.0.0/16, "fd00:96::/112"]
         let mut seen = vec![false; members.len()];
         for i in 0..4096u64 {
             if let Some(idx) = table.lookup(mix(i)) {
-                assert!(members[idx as usize], "{}: slot -> non-member {idx}", sp.name);
+                assert!(
+                    members[idx as usize],
+                    "{}: slot -> non-member {idx}",
+                    sp.name
+                );
                 seen[idx as usize] = true;
             }
         }
@@ -1015,8 +1027,7 @@ endpoints: [{addresses: [10.244.9.9]}]
             ["10.244.1.2:9100", "10.244.2.3:9100"]
         );
         // The slice port of the same name but another protocol is not used.
-        let dns = t
-            .service_port(fe(t, "10.96.0.10", L4Proto::Udp, 53).unwrap().service_port);
+        let dns = t.service_port(fe(t, "10.96.0.10", L4Proto::Udp, 53).unwrap().service_port);
         assert_eq!(addrs(dns), ["10.244.1.2:5353", "10.244.2.3:5353"]);
         assert!(fe(t, "10.96.0.10", L4Proto::Tcp, 53).is_none());
         assert_eq!(t.frontend_count(), 3);
@@ -1198,7 +1209,10 @@ spec: {clusterIP: 10.96.0.54, ports: [{port: 80}]}
         assert_eq!(c.table.frontend_count(), 1);
         assert!(fe(&c.table, "10.96.0.54", L4Proto::Tcp, 80).is_some());
         assert_eq!(c.notices.len(), 5, "{:?}", c.notices);
-        assert!(c.notices.iter().any(|n| n.starts_with("default/headless: ")));
+        assert!(c
+            .notices
+            .iter()
+            .any(|n| n.starts_with("default/headless: ")));
         assert!(c.notices.iter().any(|n| n.starts_with("default/ext: ")));
 
         let opts = CompileOptions {
@@ -1306,7 +1320,10 @@ endpoints:
         let local = sp_at(t, "10.96.0.70", 80);
         assert!(local.policy.external_local);
         assert!(!local.policy.internal_local);
-        assert_eq!(local.policy.affinity_timeout_secs, DEFAULT_AFFINITY_TIMEOUT_SECS);
+        assert_eq!(
+            local.policy.affinity_timeout_secs,
+            DEFAULT_AFFINITY_TIMEOUT_SECS
+        );
         let m = lb_members(&local.endpoints);
         assert_eq!(
             members_of(local, &m.cluster),
@@ -1409,7 +1426,8 @@ endpoints:
         assert_eq!(addrs(sp_at(t, "10.96.0.90", 80)), ["10.244.0.1:8080"]);
         assert!(fe(t, "198.51.100.90", L4Proto::Tcp, 80).is_some());
         assert!(fe(t, "10.96.0.90", L4Proto::Tcp, 82).is_some());
-        assert_eq!(t.frontend_count(), 3);
+        assert!(fe(t, "198.51.100.90", L4Proto::Tcp, 82).is_some());
+        assert_eq!(t.frontend_count(), 4);
     }
 
     fn snapshot(t: &ServiceTable) -> Vec<String> {
@@ -1472,7 +1490,10 @@ endpoints: [{addresses: [10.244.5.1]}, {addresses: [10.244.5.2]}]
 
         // Same input: every service port is the same Arc.
         let again = run_with(&base, &opts, Some(&first.table));
-        assert_eq!(first.table.service_ports().count(), again.table.service_ports().count());
+        assert_eq!(
+            first.table.service_ports().count(),
+            again.table.service_ports().count()
+        );
         for ((_, a), (_, b)) in first.table.service_ports().zip(again.table.service_ports()) {
             assert!(Arc::ptr_eq(a, b), "{} not reused", a.name);
         }
@@ -1484,16 +1505,22 @@ endpoints: [{addresses: [10.244.5.1]}, {addresses: [10.244.5.2]}]
         );
         let next = run_with(&grown, &opts, Some(&again.table));
         let old_api = again.table.service_port_arc(
-            fe(&again.table, "10.96.0.100", L4Proto::Tcp, 80).unwrap().service_port,
+            fe(&again.table, "10.96.0.100", L4Proto::Tcp, 80)
+                .unwrap()
+                .service_port,
         );
         let new_api = next.table.service_port_arc(
-            fe(&next.table, "10.96.0.100", L4Proto::Tcp, 80).unwrap().service_port,
+            fe(&next.table, "10.96.0.100", L4Proto::Tcp, 80)
+                .unwrap()
+                .service_port,
         );
         assert!(!Arc::ptr_eq(old_api, new_api));
         assert!(!Arc::ptr_eq(&old_api.cluster_lb, &new_api.cluster_lb));
         assert_eq!(new_api.endpoints.len(), 3);
         let web = |t: &ServiceTable| {
-            Arc::clone(t.service_port_arc(fe(t, "10.96.0.10", L4Proto::Tcp, 80).unwrap().service_port))
+            Arc::clone(
+                t.service_port_arc(fe(t, "10.96.0.10", L4Proto::Tcp, 80).unwrap().service_port),
+            )
         };
         assert!(Arc::ptr_eq(&web(&again.table), &web(&next.table)));
 
@@ -1504,10 +1531,15 @@ endpoints: [{addresses: [10.244.5.1]}, {addresses: [10.244.5.2]}]
         );
         let last = run_with(&sticky, &opts, Some(&next.table));
         let api = last.table.service_port_arc(
-            fe(&last.table, "10.96.0.100", L4Proto::Tcp, 80).unwrap().service_port,
+            fe(&last.table, "10.96.0.100", L4Proto::Tcp, 80)
+                .unwrap()
+                .service_port,
         );
         assert!(!Arc::ptr_eq(api, new_api));
-        assert_eq!(api.policy.affinity_timeout_secs, DEFAULT_AFFINITY_TIMEOUT_SECS);
+        assert_eq!(
+            api.policy.affinity_timeout_secs,
+            DEFAULT_AFFINITY_TIMEOUT_SECS
+        );
         assert!(Arc::ptr_eq(&api.cluster_lb, &new_api.cluster_lb));
         assert!(Arc::ptr_eq(&api.local_lb, &new_api.local_lb));
         assert!(Arc::ptr_eq(&web(&next.table), &web(&last.table)));
@@ -1519,7 +1551,9 @@ endpoints: [{addresses: [10.244.5.1]}, {addresses: [10.244.5.2]}]
         );
         let after = run_with(&unready, &opts, Some(&last.table));
         let api2 = after.table.service_port_arc(
-            fe(&after.table, "10.96.0.100", L4Proto::Tcp, 80).unwrap().service_port,
+            fe(&after.table, "10.96.0.100", L4Proto::Tcp, 80)
+                .unwrap()
+                .service_port,
         );
         assert!(!Arc::ptr_eq(&api.cluster_lb, &api2.cluster_lb));
         check_tables(&after.table);
@@ -1532,6 +1566,9 @@ endpoints: [{addresses: [10.244.5.1]}, {addresses: [10.244.5.2]}]
         assert_eq!(backend_id(a, 80), backend_id(a, 80));
         assert_ne!(backend_id(a, 80), backend_id(a, 81));
         assert_ne!(backend_id(a, 80), backend_id(b, 80));
-        assert_ne!(backend_id(a, 80), backend_id("::ffff:10.244.1.2".parse().unwrap(), 80));
+        assert_ne!(
+            backend_id(a, 80),
+            backend_id("::ffff:10.244.1.2".parse().unwrap(), 80)
+        );
     }
 }

@@ -12,3 +12,4 @@ pub mod manifest;
 pub mod node;
 
 pub use error::ConfigError;
+pub mod replay;

@@ -131,9 +131,10 @@ impl ManifestSet {
         let stream = serde_json::Deserializer::from_str(json).into_iter::<serde_json::Value>();
         for (i, item) in stream.enumerate() {
             let document = i + 1;
-            let value = match item.map_err(|e| e.to_string()).and_then(|v| {
-                serde_yaml::to_value(&v).map_err(|e| e.to_string())
-            }) {
+            let value = match item
+                .map_err(|e| e.to_string())
+                .and_then(|v| serde_yaml::to_value(&v).map_err(|e| e.to_string()))
+            {
                 Ok(v) => v,
                 Err(e) => {
                     // A JSON syntax error ends the stream: there is no resynchronising.
@@ -205,8 +206,7 @@ impl ManifestSet {
 
         match (api_version, kind) {
             ("v1", "Service") => {
-                if let Some(mut svc) = self.decode::<Service>(value, text, file, document, field)
-                {
+                if let Some(mut svc) = self.decode::<Service>(value, text, file, document, field) {
                     if svc.metadata.name.as_deref().unwrap_or("").is_empty() {
                         self.errors.push(doc_error(
                             file,
@@ -286,21 +286,43 @@ impl ManifestSet {
         document: usize,
         field: &str,
     ) -> Option<T> {
-        let what = TypeMeta::of(&value).describe();
-        match serde_yaml::from_value::<T>(value) {
+        match T::deserialize(&value) {
             Ok(obj) => Some(obj),
             Err(e) => {
-                // Decoding the text again gives the field path and the line; decoding the
-                // value (merge keys applied) does not.
-                let message = match text.map(serde_yaml::from_str::<T>) {
-                    Some(Err(better)) => better.to_string(),
-                    _ => e.to_string(),
+                // Decoding the value (merge keys applied) gives neither the field path nor
+                // the line; decoding text again does. Without the document's own text (List
+                // items, JSON), decode the value re-serialised, for the path only.
+                let message = match text {
+                    Some(text) => match serde_yaml::from_str::<T>(text) {
+                        Err(better) => better.to_string(),
+                        Ok(_) => e.to_string(),
+                    },
+                    None => {
+                        match serde_yaml::to_string(&value).map(|t| serde_yaml::from_str::<T>(&t)) {
+                            Ok(Err(better)) => without_location(&better),
+                            _ => e.to_string(),
+                        }
+                    }
                 };
+                let what = TypeMeta::of(&value).describe();
                 self.errors
                     .push(doc_error(file, document, what, field, message));
                 None
             }
         }
+    }
+}
+
+/// A decoder message without its " at line L column C" (when the lines are not the file's).
+fn without_location(e: &serde_yaml::Error) -> String {
+    let message = e.to_string();
+    let Some(loc) = e.location() else {
+        return message;
+    };
+    let suffix = format!(" at line {} column {}", loc.line(), loc.column());
+    match message.strip_suffix(&suffix) {
+        Some(m) => m.to_string(),
+        None => message,
     }
 }
 
@@ -484,11 +506,7 @@ spec: {clusterIP: 10.96.0.11, ports: [{port: 53, protocol: UDP}]}
             "{e}"
         );
         // The line is the file's, not the document's.
-        let line = MIXED
-            .lines()
-            .position(|l| l.contains("eighty"))
-            .unwrap()
-            + 1;
+        let line = MIXED.lines().position(|l| l.contains("eighty")).unwrap() + 1;
         assert!(e.contains(&format!("line {line} ")), "{e}");
     }
 
@@ -527,7 +545,10 @@ items:
 "#;
         let set = parse_manifests(text, "list.yaml");
         assert_eq!(set.services.len(), 1);
-        assert_eq!(set.services[0].metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(
+            set.services[0].metadata.namespace.as_deref(),
+            Some("default")
+        );
         assert_eq!(set.notices.len(), 2, "{:?}", set.notices);
         assert_eq!(
             set.notices[0],
@@ -535,9 +556,11 @@ items:
         );
         assert!(set.notices[1].contains("apiVersion discovery.k8s.io/v1beta1"));
         assert_eq!(set.errors.len(), 1);
-        assert!(set.errors[0]
-            .to_string()
-            .starts_with("list.yaml: document 1 (EndpointSlice default/a-1): items[2]: "));
+        assert_eq!(
+            set.errors[0].to_string(),
+            "list.yaml: document 1 (EndpointSlice default/a-1): items[2]: \
+             endpoints: invalid type: string \"nope\", expected a sequence"
+        );
     }
 
     #[test]

@@ -103,16 +103,21 @@ pub fn parse_node(yaml: &str, origin: &str) -> Result<NodeTable, ConfigError> {
     for (i, a) in file.addresses.iter().enumerate() {
         let ip = parse_ip(a).ok_or_else(|| invalid(format!("addresses[{i}]"), not_ip(a)))?;
         if node.addresses.contains(&ip) {
-            return Err(invalid(format!("addresses[{i}]"), format!("{ip} is listed twice")));
+            return Err(invalid(
+                format!("addresses[{i}]"),
+                format!("{ip} is listed twice"),
+            ));
         }
         node.addresses.push(ip);
     }
     for (i, c) in file.cluster_cidrs.iter().enumerate() {
-        let net = parse_cidr(c).ok_or_else(|| invalid(format!("clusterCIDRs[{i}]"), not_cidr(c)))?;
+        let net =
+            parse_cidr(c).ok_or_else(|| invalid(format!("clusterCIDRs[{i}]"), not_cidr(c)))?;
         node.cluster_cidrs.push(net);
     }
     for (i, c) in file.service_cidrs.iter().enumerate() {
-        let net = parse_cidr(c).ok_or_else(|| invalid(format!("serviceCIDRs[{i}]"), not_cidr(c)))?;
+        let net =
+            parse_cidr(c).ok_or_else(|| invalid(format!("serviceCIDRs[{i}]"), not_cidr(c)))?;
         node.service_cidrs.push(net);
     }
     for (i, a) in file.node_port_addresses.iter().enumerate() {
@@ -206,7 +211,8 @@ pub fn parse_node(yaml: &str, origin: &str) -> Result<NodeTable, ConfigError> {
 
     for (i, spec) in file.routes.iter().enumerate() {
         let field = |f: &str| format!("routes[{i}].{f}");
-        let dst = parse_cidr(&spec.dst).ok_or_else(|| invalid(field("dst"), not_cidr(&spec.dst)))?;
+        let dst =
+            parse_cidr(&spec.dst).ok_or_else(|| invalid(field("dst"), not_cidr(&spec.dst)))?;
         let via = parse_ip(&spec.via).ok_or_else(|| invalid(field("via"), not_ip(&spec.via)))?;
         if !neighbour_ips.contains(&via) {
             return Err(invalid(
@@ -323,8 +329,10 @@ routes:
             &["10.0.0.5".parse::<IpAddr>().unwrap()]
         );
         assert!(n.interfaces.is_empty());
-        assert!(err("name: n\naddresses: [10.0.0.5]\nnodePortAddresses: [172.16.0.0/12]\n")
-            .contains("nodePortAddresses[0]: 172.16.0.0/12 contains none"));
+        assert!(
+            err("name: n\naddresses: [10.0.0.5]\nnodePortAddresses: [172.16.0.0/12]\n")
+                .contains("nodePortAddresses[0]: 172.16.0.0/12 contains none")
+        );
     }
 
     #[test]
@@ -335,7 +343,11 @@ routes:
             r#"node.yaml: neighbours[0].mac: "zz" is not a MAC address"#
         );
         let y = GOOD.replace("02:00:00:00:00:ff", "02:00:00:00:00");
-        assert!(err(&y).starts_with("node.yaml: interfaces[2].mac: "), "{}", err(&y));
+        assert!(
+            err(&y).starts_with("node.yaml: interfaces[2].mac: "),
+            "{}",
+            err(&y)
+        );
         assert_eq!(parse_mac("02-00-00-00-00-0A"), Some([2, 0, 0, 0, 0, 10]));
         assert_eq!(parse_mac("02:00:00:00:00:0a:01"), None);
         assert_eq!(parse_mac("2:00:00:00:00:0a"), None);
@@ -416,7 +428,10 @@ routes:
         let p = dir.join("node.yaml");
         std::fs::write(&p, GOOD.replace("0a:58:0a:f4:01:02", "zz")).unwrap();
         let e = load_node_file(&p).unwrap_err().to_string();
-        assert!(e.starts_with(&format!("{}: neighbours[0].mac", p.display())), "{e}");
+        assert!(
+            e.starts_with(&format!("{}: neighbours[0].mac", p.display())),
+            "{e}"
+        );
         let missing = load_node_file(dir.join("nope.yaml")).unwrap_err();
         assert!(matches!(missing, ConfigError::Io { .. }));
         std::fs::remove_dir_all(&dir).unwrap();

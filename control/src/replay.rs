@@ -114,7 +114,7 @@ pub fn run(args: &ReplayArgs) -> Result<ReplayOutcome, ReplayFailure> {
         counters: worker.counters.clone(),
         interfaces,
         config_errors,
-        notices: set.notices.clone(),
+        notices: set.notices.iter().chain(compiled.notices.iter()).cloned().collect(),
     };
     if let Some(path) = &args.report {
         write_report(&outcome, path).map_err(|err| ReplayFailure::Io {

@@ -29,9 +29,10 @@
 //! | IPv6   | 84 B  | 13.1 B                              | 97.1 B         |
 //!
 //! The index share depends on how the capacity falls against hashbrown's power-of-two
-//! bucket counts: it ranges from about 11 B (capacity just under a power-of-two bucket
-//! count's load limit) to about 26 B per flow, so IPv4 stays at or under 62 B per flow at
-//! any capacity (default 1 Mi IPv4 flows: 36 + 20 = 56 B).
+//! bucket counts (5 B per bucket per index, 1.29 to 2.57 buckets per flow with the slack
+//! below): about 13 B to 26 B per flow, so IPv4 stays under 62 B per flow at any
+//! capacity. With the default capacities (1 Mi IPv4, 256 Ki IPv6 flows): IPv4
+//! 36 + 20 = 56 B, IPv6 84 + 20 = 104 B, about 86 MB (82 MiB) per worker in all.
 //!
 //! # Index maintenance
 //!
@@ -173,7 +174,7 @@ impl Timeouts {
 }
 
 /// Sizing and policy of a [`Conntrack`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConntrackConfig {
     /// Hard limit on tracked IPv4 flows; the IPv4 table is pre-allocated to it.
     pub capacity: usize,
@@ -535,7 +536,7 @@ impl<A: Addr> Entry<A> {
         }
     }
 
-    fn to_match(&self, id: FlowId, dir: Direction) -> Option<FlowMatch> {
+    fn flow_match(&self, id: FlowId, dir: Direction) -> Option<FlowMatch> {
         let proto = L4Proto::from_ip_number(self.proto)?;
         let snat = (self.flags & F_SNAT != 0).then(|| SnatBinding {
             addr: self.snat_addr.to_ip(),
@@ -771,7 +772,7 @@ impl<A: Addr> Table<A> {
         let hash = t.hash(self.seed);
         for dir in [Direction::Original, Direction::Reply] {
             if let Some(slot) = self.find_live(dir, hash, t, now_s, stats) {
-                return self.slab.get(slot as usize)?.to_match(self.id(slot), dir);
+                return self.slab.get(slot as usize)?.flow_match(self.id(slot), dir);
             }
         }
         None
@@ -959,7 +960,7 @@ impl<A: Addr> Table<A> {
                 .slab
                 .get(slot)
                 .filter(|e| !e.is_free())
-                .and_then(|e| e.to_match(id, Direction::Original));
+                .and_then(|e| e.flow_match(id, Direction::Original));
             if let Some(m) = m {
                 if !keep(&m) {
                     self.remove(slot as u32);
@@ -976,7 +977,7 @@ impl<A: Addr> Table<A> {
             if e.is_free() {
                 None
             } else {
-                e.to_match(self.id(slot as u32), Direction::Original)
+                e.flow_match(self.id(slot as u32), Direction::Original)
             }
         })
     }
@@ -1402,10 +1403,10 @@ mod tests {
         assert_eq!(ct.capacity(), 32);
     }
 
-    /// Drives a fresh flow through `packets` (at second 10 each), then checks it lives
+    /// Drives a fresh flow through `packets` (one a second from second 10), then checks it lives
     /// exactly its `timeout` (1 s granularity) and returns the final state.
-    fn drive(first: u8, packets: &[(Direction, u8)], ct_cfg: ConntrackConfig) -> TcpState {
-        let mut ct = Conntrack::new(ct_cfg);
+    fn drive(first: u8, packets: &[(Direction, u8)], ct_cfg: &ConntrackConfig) -> TcpState {
+        let mut ct = Conntrack::new(ct_cfg.clone());
         let orig = key("10.0.0.1", 40000, "10.96.0.10", 80, TCP);
         let id = ct
             .insert(&orig, nat("10.1.0.5", 8080, None), first, at(0))
@@ -1436,16 +1437,16 @@ mod tests {
         use TcpState as T;
         let c = cfg(8);
         let hs = [(R, SYN | ACK), (O, ACK)];
-        assert_eq!(drive(SYN, &[], c), T::SynSent);
-        assert_eq!(drive(SYN, &hs[..1], c), T::SynRecv);
-        assert_eq!(drive(SYN, &hs, c), T::Established);
+        assert_eq!(drive(SYN, &[], &c), T::SynSent);
+        assert_eq!(drive(SYN, &hs[..1], &c), T::SynRecv);
+        assert_eq!(drive(SYN, &hs, &c), T::Established);
         // Out-of-order/unexpected packets keep the state.
-        assert_eq!(drive(SYN, &[(O, ACK)], c), T::SynSent);
-        assert_eq!(drive(SYN, &[(O, SYN | ACK)], c), T::SynSent);
-        assert_eq!(drive(SYN, &[hs[0], hs[1], (O, SYN)], c), T::Established);
-        assert_eq!(drive(SYN, &[hs[0], hs[1], (R, SYN)], c), T::Established);
+        assert_eq!(drive(SYN, &[(O, ACK)], &c), T::SynSent);
+        assert_eq!(drive(SYN, &[(O, SYN | ACK)], &c), T::SynSent);
+        assert_eq!(drive(SYN, &[hs[0], hs[1], (O, SYN)], &c), T::Established);
+        assert_eq!(drive(SYN, &[hs[0], hs[1], (R, SYN)], &c), T::Established);
         assert_eq!(
-            drive(SYN, &[hs[0], hs[1], (R, SYN | ACK)], c),
+            drive(SYN, &[hs[0], hs[1], (R, SYN | ACK)], &c),
             T::Established
         );
         // Original side closes first.
@@ -1459,7 +1460,7 @@ mod tests {
         ];
         let expect = [T::FinWait, T::CloseWait, T::LastAck, T::TimeWait];
         for (n, want) in expect.iter().enumerate() {
-            assert_eq!(drive(SYN, &close[..3 + n], c), *want, "step {n}");
+            assert_eq!(drive(SYN, &close[..3 + n], &c), *want, "step {n}");
         }
         // Reply side closes first; the closer's own ACKs don't advance.
         let close = [
@@ -1479,43 +1480,46 @@ mod tests {
             T::TimeWait,
         ];
         for (n, want) in expect.iter().enumerate() {
-            assert_eq!(drive(ACK, &close[..=n], c), *want, "step {n}");
+            assert_eq!(drive(ACK, &close[..=n], &c), *want, "step {n}");
         }
         // Simultaneous-ish close: FIN, then FIN+ACK from the other side.
-        assert_eq!(drive(ACK, &[(O, FIN), (R, FIN | ACK)], c), T::LastAck);
+        assert_eq!(drive(ACK, &[(O, FIN), (R, FIN | ACK)], &c), T::LastAck);
         assert_eq!(
-            drive(ACK, &[(O, FIN), (R, FIN | ACK), (R, ACK)], c),
+            drive(ACK, &[(O, FIN), (R, FIN | ACK), (R, ACK)], &c),
             T::LastAck
         );
         assert_eq!(
-            drive(ACK, &[(O, FIN), (R, FIN | ACK), (O, ACK)], c),
+            drive(ACK, &[(O, FIN), (R, FIN | ACK), (O, ACK)], &c),
             T::TimeWait
         );
         // A retransmitted FIN stays where it is.
-        assert_eq!(drive(ACK, &[(O, FIN), (O, FIN | ACK)], c), T::FinWait);
-        assert_eq!(drive(ACK, &[(O, FIN), (R, ACK), (O, FIN)], c), T::CloseWait);
+        assert_eq!(drive(ACK, &[(O, FIN), (O, FIN | ACK)], &c), T::FinWait);
+        assert_eq!(
+            drive(ACK, &[(O, FIN), (R, ACK), (O, FIN)], &c),
+            T::CloseWait
+        );
         // RST from anywhere closes.
-        assert_eq!(drive(SYN, &[(R, RST)], c), T::Close);
-        assert_eq!(drive(ACK, &[(O, RST | ACK)], c), T::Close);
-        assert_eq!(drive(ACK, &[(O, FIN), (R, RST)], c), T::Close);
+        assert_eq!(drive(SYN, &[(R, RST)], &c), T::Close);
+        assert_eq!(drive(ACK, &[(O, RST | ACK)], &c), T::Close);
+        assert_eq!(drive(ACK, &[(O, FIN), (R, RST)], &c), T::Close);
         // A new SYN reopens a closed or time-waiting tuple, and FIN history is forgotten.
         let tw = [(O, FIN), (R, FIN | ACK), (O, ACK)];
         let mut reopen = tw.to_vec();
         reopen.push((O, SYN));
-        assert_eq!(drive(ACK, &reopen, c), T::SynSent);
+        assert_eq!(drive(ACK, &reopen, &c), T::SynSent);
         reopen.extend([hs[0], hs[1], (O, FIN)]);
-        assert_eq!(drive(ACK, &reopen, c), T::FinWait);
-        assert_eq!(drive(ACK, &[(R, RST), (O, SYN)], c), T::SynSent);
+        assert_eq!(drive(ACK, &reopen, &c), T::FinWait);
+        assert_eq!(drive(ACK, &[(R, RST), (O, SYN)], &c), T::SynSent);
         // Loose pickup.
-        assert_eq!(drive(ACK, &[], c), T::Established);
-        assert_eq!(drive(0, &[], c), T::Established);
-        assert_eq!(drive(FIN | ACK, &[], c), T::FinWait);
+        assert_eq!(drive(ACK, &[], &c), T::Established);
+        assert_eq!(drive(0, &[], &c), T::Established);
+        assert_eq!(drive(FIN | ACK, &[], &c), T::FinWait);
         assert_eq!(
-            drive(FIN | ACK, &[(R, FIN | ACK), (O, ACK)], c),
+            drive(FIN | ACK, &[(R, FIN | ACK), (O, ACK)], &c),
             T::TimeWait
         );
-        assert_eq!(drive(RST, &[], c), T::Close);
-        assert_eq!(drive(SYN | ACK, &[], c), T::SynSent);
+        assert_eq!(drive(RST, &[], &c), T::Close);
+        assert_eq!(drive(SYN | ACK, &[], &c), T::SynSent);
     }
 
     #[test]
@@ -1536,13 +1540,13 @@ mod tests {
         };
         use tcp_flags::*;
         use Direction::{Original as O, Reply as R};
-        assert_eq!(drive(SYN, &[], c), TcpState::SynSent);
+        assert_eq!(drive(SYN, &[], &c), TcpState::SynSent);
         assert_eq!(
-            drive(SYN, &[(R, SYN | ACK), (O, ACK)], c),
+            drive(SYN, &[(R, SYN | ACK), (O, ACK)], &c),
             TcpState::Established
         );
-        assert_eq!(drive(ACK, &[(O, FIN), (R, ACK)], c), TcpState::CloseWait);
-        assert_eq!(drive(ACK, &[(O, RST)], c), TcpState::Close);
+        assert_eq!(drive(ACK, &[(O, FIN), (R, ACK)], &c), TcpState::CloseWait);
+        assert_eq!(drive(ACK, &[(O, RST)], &c), TcpState::Close);
     }
 
     #[test]
@@ -2071,13 +2075,29 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            4 => (any::<bool>(), 0..3u8, 0..3u8, 0..2u8, 0..4u8, 0..2u8, 0..2u8, proptest::option::of(0..3u8))
+            4 => (
+                any::<bool>(),
+                0..3u8,
+                0..3u8,
+                0..2u8,
+                0..4u8,
+                0..2u8,
+                0..2u8,
+                proptest::option::of(0..3u8),
+            )
                 .prop_map(|(v6, client, cport, frontend, kind, backend, bport, snat)| Op::Insert {
                     v6, client, cport, frontend, kind, backend, bport, snat
                 }),
             3 => (0..64usize, any::<bool>()).prop_map(|(idx, reply)| Op::Packet { idx, reply }),
             2 => (any::<bool>(), 0..8u8, 0..5u8, 0..8u8, 0..5u8, any::<bool>())
-                .prop_map(|(v6, src, sport, dst, dport, udp)| Op::Probe { v6, src, sport, dst, dport, udp }),
+                .prop_map(|(v6, src, sport, dst, dport, udp)| Op::Probe {
+                    v6,
+                    src,
+                    sport,
+                    dst,
+                    dport,
+                    udp,
+                }),
             1 => (0..100u8).prop_map(Op::Advance),
             1 => (0..300u16).prop_map(Op::Gc),
         ]
