@@ -2,5 +2,6 @@
 //! pcap file, memory queues, later AF_XDP sockets) and [`crate::pipeline::Worker::process`];
 //! none of them decides anything about a frame.
 
+pub mod capture;
 pub mod memory;
 pub mod replay;

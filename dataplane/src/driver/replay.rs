@@ -3,10 +3,12 @@
 //! capture; every input frame yields one [`ReplayRecord`].
 
 use core::net::IpAddr;
-use std::io::{Read, Write};
+use std::io::{BufRead, Write};
 
-use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
+use pcap_file::pcap::{PcapHeader, PcapPacket, PcapWriter};
 use pcap_file::DataLink;
+
+use super::capture::{CaptureError, CaptureReader};
 
 use crate::parse::{parse, Parsed};
 use crate::pipeline::{Tables, Worker, BATCH_SIZE};
@@ -47,9 +49,10 @@ pub struct ReplayRecord {
 
 #[derive(Debug)]
 pub enum ReplayError {
-    Pcap(pcap_file::PcapError),
-    /// The input is not an Ethernet capture.
-    LinkType(DataLink),
+    /// Reading the input capture failed.
+    Input(CaptureError),
+    /// Writing the output capture failed.
+    Output(pcap_file::PcapError),
     /// The node table has no interface to take frames from.
     NoInterface,
 }
@@ -57,11 +60,8 @@ pub enum ReplayError {
 impl core::fmt::Display for ReplayError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::Pcap(e) => write!(f, "pcap: {e}"),
-            Self::LinkType(l) => write!(
-                f,
-                "input capture has link type {l:?}; kxp replays Ethernet (DLT_EN10MB) only"
-            ),
+            Self::Input(e) => write!(f, "input capture: {e}"),
+            Self::Output(e) => write!(f, "output capture: {e}"),
             Self::NoInterface => write!(f, "the node file declares no interfaces"),
         }
     }
@@ -69,9 +69,15 @@ impl core::fmt::Display for ReplayError {
 
 impl std::error::Error for ReplayError {}
 
+impl From<CaptureError> for ReplayError {
+    fn from(e: CaptureError) -> Self {
+        Self::Input(e)
+    }
+}
+
 impl From<pcap_file::PcapError> for ReplayError {
     fn from(e: pcap_file::PcapError) -> Self {
-        Self::Pcap(e)
+        Self::Output(e)
     }
 }
 
@@ -144,9 +150,9 @@ pub fn frame_endpoints(frame: &[u8]) -> Option<Endpoints> {
     }
 }
 
-/// Replays `input` through `worker`, writing emitted frames to `output` and handing each
+/// Replays `input` (pcap or pcapng; Ethernet, Linux cooked or raw IP) through `worker`, writing emitted frames to `output` and handing each
 /// frame's record to `on_record`. Returns the number of input frames.
-pub fn replay<R: Read, W: Write>(
+pub fn replay<R: BufRead, W: Write>(
     tables: &Tables,
     worker: &mut Worker,
     input: R,
@@ -157,20 +163,18 @@ pub fn replay<R: Read, W: Write>(
     if tables.node.interfaces.is_empty() {
         return Err(ReplayError::NoInterface);
     }
-    let mut reader = PcapReader::new(input)?;
-    let header = reader.header();
-    if header.datalink != DataLink::ETHERNET {
-        return Err(ReplayError::LinkType(header.datalink));
-    }
+    let mut reader = CaptureReader::new(input)?;
+    let header = PcapHeader {
+        datalink: DataLink::ETHERNET,
+        ..PcapHeader::default()
+    };
     let mut writer = PcapWriter::with_header(output, header)?;
     let mut scratch = vec![0u8; REJECT_SCRATCH_LEN];
     let mut buf = Vec::with_capacity(65536);
     let mut index = 0usize;
-    while let Some(pkt) = reader.next_packet() {
-        let pkt = pkt?;
-        let now_ns = pkt.timestamp.as_nanos() as u64;
-        buf.clear();
-        buf.extend_from_slice(&pkt.data);
+    while let Some(ts) = reader.next_frame(&mut buf) {
+        let ts = ts?;
+        let now_ns = ts.as_nanos() as u64;
         let iface = match ingress {
             IngressMode::Fixed(i) => i,
             IngressMode::Auto => auto_ingress(&tables.node, &buf).unwrap_or(IfaceId(0)),
@@ -183,7 +187,7 @@ pub fn replay<R: Read, W: Write>(
         };
         let emitted = emitted_bytes.and_then(|b| {
             writer
-                .write_packet(&PcapPacket::new(pkt.timestamp, b.len() as u32, b))
+                .write_packet(&PcapPacket::new(ts, b.len() as u32, b))
                 .map(|_| frame_endpoints(b))
                 .transpose()
         });
