@@ -950,11 +950,12 @@ impl<A: Addr> Table<A> {
 
     fn purge(
         &mut self,
+        slots: core::ops::Range<usize>,
         keep: &mut impl FnMut(&FlowMatch) -> bool,
         stats: &mut ConntrackStats,
     ) -> usize {
         let mut removed = 0;
-        for slot in 0..self.capacity() {
+        for slot in slots.start..slots.end.min(self.capacity()) {
             let id = self.id(slot as u32);
             let m = self
                 .slab
@@ -1194,7 +1195,35 @@ impl Conntrack {
     /// table publish removes endpoints). `keep` sees original-direction views of every
     /// stored flow, including expired ones GC has not collected yet. Returns the count.
     pub fn purge(&mut self, mut keep: impl FnMut(&FlowMatch) -> bool) -> usize {
-        self.v4.purge(&mut keep, &mut self.stats) + self.v6.purge(&mut keep, &mut self.stats)
+        let (c4, c6) = (self.v4.capacity(), self.v6.capacity());
+        self.v4.purge(0..c4, &mut keep, &mut self.stats)
+            + self.v6.purge(0..c6, &mut keep, &mut self.stats)
+    }
+
+    /// [`Conntrack::purge`] in bounded steps, for the fast path's housekeeping: examines at
+    /// most `budget` slots from `cursor` (IPv4 slots, then IPv6 slots) and returns the
+    /// number removed and the cursor to continue from, `None` once every slot was seen.
+    pub fn purge_step(
+        &mut self,
+        cursor: usize,
+        budget: usize,
+        mut keep: impl FnMut(&FlowMatch) -> bool,
+    ) -> (usize, Option<usize>) {
+        let (c4, c6) = (self.v4.capacity(), self.v6.capacity());
+        let total = c4 + c6;
+        let end = cursor.saturating_add(budget).min(total);
+        let mut removed = 0;
+        if cursor < c4 {
+            removed += self
+                .v4
+                .purge(cursor..end.min(c4), &mut keep, &mut self.stats);
+        }
+        if end > c4 {
+            removed += self
+                .v6
+                .purge(cursor.max(c4) - c4..end - c4, &mut keep, &mut self.stats);
+        }
+        (removed, (end < total).then_some(end))
     }
 
     /// Flows stored, including expired ones not collected yet.
@@ -1675,6 +1704,37 @@ mod tests {
         assert_eq!(id2, id, "the expired flow's slot is reused");
         assert_eq!(ct.stats().expired, 1);
         assert_eq!(ct.lookup(&reply_of(&k2, &n), at(31)).unwrap().orig, k2);
+    }
+
+    #[test]
+    fn purge_step_covers_every_slot_in_bounded_steps() {
+        let mut ct = Conntrack::new(ConntrackConfig {
+            capacity: 100,
+            capacity_v6: 50,
+            ..ConntrackConfig::default()
+        });
+        for i in 0..60u16 {
+            let k = key("10.0.0.1", 1000 + i, "10.96.0.1", 80, L4Proto::Tcp);
+            ct.insert(&k, nat("10.244.0.2", 8080, None), tcp_flags::SYN, 0)
+                .unwrap();
+        }
+        for i in 0..20u16 {
+            let k = key("fd00::1", 1000 + i, "fd00:96::1", 80, L4Proto::Tcp);
+            ct.insert(&k, nat("fd00:244::2", 8080, None), tcp_flags::SYN, 0)
+                .unwrap();
+        }
+        let (mut cursor, mut removed, mut steps) = (Some(0), 0, 0);
+        while let Some(c) = cursor {
+            let (r, next) = ct.purge_step(c, 7, |m| m.orig.sport % 2 == 0);
+            removed += r;
+            cursor = next;
+            steps += 1;
+            assert!(steps < 1000);
+        }
+        assert_eq!(removed, 40);
+        assert_eq!(ct.len(), 40);
+        assert!(ct.iter().all(|m| m.orig.sport % 2 == 0));
+        assert!(steps >= ct.capacity() / 7);
     }
 
     #[test]

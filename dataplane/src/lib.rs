@@ -13,6 +13,7 @@ pub mod flow;
 pub mod maglev;
 pub mod parse;
 pub mod pipeline;
+pub mod publish;
 pub mod reject;
 pub mod tables;
 pub mod verdict;

@@ -83,6 +83,8 @@ pub struct Worker {
     pub counters: Counters,
     snat_lo: u16,
     snat_span: u16,
+    /// Where the purge after a table change has got to; `None` when there is none.
+    revalidate_cursor: Option<usize>,
 }
 
 impl Worker {
@@ -97,6 +99,7 @@ impl Worker {
             counters: Counters::default(),
             snat_lo,
             snat_span: span.min(u16::MAX as u32) as u16,
+            revalidate_cursor: None,
             cfg,
         }
     }
@@ -134,6 +137,30 @@ impl Worker {
             let now_s = now_ns / 1_000_000_000;
             self.affinity.retain(|_, e| e.expires_s > now_s);
         }
+    }
+
+    /// A new table generation was picked up: flows whose service or endpoint is gone get
+    /// purged, a bounded slice per call to [`Worker::revalidate_step`].
+    pub fn tables_changed(&mut self) {
+        self.revalidate_cursor = Some(0);
+    }
+
+    /// Continues purging flows the current tables no longer back (their frontend is gone,
+    /// or their backend is no longer an endpoint of it; terminating endpoints are still
+    /// endpoints, so their flows keep working until the endpoint leaves). UDP flows
+    /// included: no stale entry keeps blackholing a removed endpoint's traffic. Returns
+    /// true while there is more to do.
+    pub fn revalidate_step(&mut self, tables: &Tables) -> bool {
+        let Some(cursor) = self.revalidate_cursor else {
+            return false;
+        };
+        let budget = self.cfg.gc_budget.max(1) * 4;
+        let (removed, next) = self
+            .conntrack
+            .purge_step(cursor, budget, |m| flow_still_backed(tables, m));
+        self.counters.purged_flows += removed as u64;
+        self.revalidate_cursor = next;
+        next.is_some()
     }
 
     fn classify(
@@ -543,6 +570,23 @@ impl Worker {
         recompute_icmp_checksum(&mut f);
         finish_frame(frame, layout, hop, ForwardReason::IcmpRelated)
     }
+}
+
+/// Whether the tables still back a tracked flow: its frontend exists and its backend is
+/// still one of that service port's endpoints.
+fn flow_still_backed(t: &Tables, m: &crate::conntrack::FlowMatch) -> bool {
+    let fk = FrontendKey {
+        addr: m.orig.dst,
+        proto: m.orig.proto,
+        port: m.orig.dport,
+    };
+    t.services.frontend(&fk).is_some_and(|fe| {
+        t.services
+            .service_port(fe.service_port)
+            .endpoints
+            .iter()
+            .any(|b| b.addr == m.nat.backend && b.port == m.nat.backend_port)
+    })
 }
 
 /// Next hop and TTL for a frame about to be routed to `dst`; nothing is written yet

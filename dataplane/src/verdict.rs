@@ -199,6 +199,8 @@ pub struct Counters {
     pub vlan_tagged: u64,
     /// ClientIP affinity entries that could not be recorded (table full).
     pub affinity_full: u64,
+    /// Flows purged because a new table generation no longer backs them.
+    pub purged_flows: u64,
 }
 
 impl Counters {
@@ -244,6 +246,7 @@ impl Counters {
         self.ipv4_options += o.ipv4_options;
         self.vlan_tagged += o.vlan_tagged;
         self.affinity_full += o.affinity_full;
+        self.purged_flows += o.purged_flows;
     }
 
     /// (name, value) for every counter, for metrics and reports.
@@ -272,6 +275,7 @@ impl Counters {
         v.push(("ipv4_options".into(), self.ipv4_options));
         v.push(("vlan_tagged".into(), self.vlan_tagged));
         v.push(("affinity_full".into(), self.affinity_full));
+        v.push(("purged_flows".into(), self.purged_flows));
         v
     }
 }
