@@ -13,3 +13,4 @@ pub mod node;
 
 pub use error::ConfigError;
 pub mod replay;
+pub mod source;
