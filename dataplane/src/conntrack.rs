@@ -109,13 +109,7 @@ use hashbrown::HashTable;
 use crate::flow::{mix, FlowKey, L4Proto};
 use crate::tables::ServicePortId;
 
-/// TCP flag bits as they appear in the TCP header's flag byte.
-pub mod tcp_flags {
-    pub const FIN: u8 = 0x01;
-    pub const SYN: u8 = 0x02;
-    pub const RST: u8 = 0x04;
-    pub const ACK: u8 = 0x10;
-}
+pub use crate::wire::tcp_flags;
 use tcp_flags::{ACK, FIN, RST, SYN};
 
 /// Per-state idle timeouts in seconds.
