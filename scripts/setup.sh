@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what kxp needs to build, test and run on a fresh Debian machine: the C side
 # of AF_XDP (clang, libelf, zlib, libpcap headers, m4, pkg-config for libxdp/libbpf),
-# iproute2 and ethtool for network-namespace topologies, and the Rust components the
+# iproute2 and ethtool for network-namespace topologies, nftables and iptables for the
+# kernel baselines kxp is measured against, curl for the demo, and the Rust components the
 # checks use. Idempotent: installs only what is missing.
 set -euo pipefail
 
-APT_PACKAGES=(clang libelf-dev zlib1g-dev libpcap-dev pkg-config m4 iproute2 ethtool)
+APT_PACKAGES=(clang libelf-dev zlib1g-dev libpcap-dev pkg-config m4 iproute2 ethtool nftables iptables curl)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
