@@ -38,3 +38,4 @@ pub enum SourceEvent {
     /// The source lost its connection; the controller keeps the last good tables.
     Disconnected(String),
 }
+pub mod kube;
