@@ -15,8 +15,12 @@ const IPV6_QUOTE_MAX: usize = 1280 - 40 - 8;
 
 /// Writes a port-unreachable answer to `frame` into `out`, from the address the frame was
 /// sent to, back to its sender, out of the interface whose MAC is `our_mac`. Returns the
-/// answer's length, or `None` if `out` is too small.
+/// answer's length, or `None` if `out` is too small or the sender is not a single host
+/// (no ICMP error may go to it: RFC 1122 §3.2.2, RFC 1812 §4.3.2.7).
 pub fn port_unreachable(frame: &FrameMut<'_>, our_mac: [u8; 6], out: &mut [u8]) -> Option<usize> {
+    if !is_single_host(&frame.src_addr()) {
+        return None;
+    }
     let l = frame.layout;
     let buf = &*frame.buf;
     let l2 = l.l3;
@@ -77,4 +81,19 @@ pub fn port_unreachable(frame: &FrameMut<'_>, our_mac: [u8; 6], out: &mut [u8]) 
     let c = checksum::checksum(pseudo, &out[icmp..icmp + icmp_len]);
     out[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
     Some(total)
+}
+
+/// Whether `addr` names one host: not unspecified, loopback, multicast, limited broadcast or
+/// (IPv4) class E.
+fn is_single_host(addr: &core::net::IpAddr) -> bool {
+    match addr {
+        core::net::IpAddr::V4(a) => {
+            !(a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_broadcast()
+                || a.octets()[0] >= 240)
+        }
+        core::net::IpAddr::V6(a) => !(a.is_unspecified() || a.is_loopback() || a.is_multicast()),
+    }
 }
