@@ -7,9 +7,11 @@
 //! * [`error`]: the errors all of them report.
 
 pub mod compile;
+pub mod controller;
 pub mod error;
 pub mod manifest;
 pub mod node;
+pub mod ops;
 
 pub use error::ConfigError;
 pub mod replay;

@@ -114,7 +114,12 @@ pub fn run(args: &ReplayArgs) -> Result<ReplayOutcome, ReplayFailure> {
         counters: worker.counters.clone(),
         interfaces,
         config_errors,
-        notices: set.notices.iter().chain(compiled.notices.iter()).cloned().collect(),
+        notices: set
+            .notices
+            .iter()
+            .chain(compiled.notices.iter())
+            .cloned()
+            .collect(),
     };
     if let Some(path) = &args.report {
         write_report(&outcome, path).map_err(|err| ReplayFailure::Io {
@@ -187,9 +192,11 @@ pub fn explain(o: &ReplayOutcome) -> String {
             r.verdict.kind_str(),
             r.verdict.reason_str()
         );
-        if let (Some(src), Some(dst), Some(out)) =
-            (j["src"].as_str(), j["dst"].as_str(), j["out_interface"].as_str())
-        {
+        if let (Some(src), Some(dst), Some(out)) = (
+            j["src"].as_str(),
+            j["dst"].as_str(),
+            j["out_interface"].as_str(),
+        ) {
             let _ = write!(s, " -> {out}: {src} > {dst}");
         }
         s.push('\n');

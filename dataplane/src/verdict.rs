@@ -61,8 +61,6 @@ reasons! {
         NoMasqueradeAddress => "no_masquerade_address",
         /// A reject was due but the frame cannot be quoted or answered.
         RejectNotPossible => "reject_not_possible",
-        /// More than one VLAN tag (QinQ) on a frame addressed to a service.
-        StackedVlan => "stacked_vlan",
         /// A backend of the other IP family than the client (a table bug; counted, not NATed).
         FamilyMismatch => "family_mismatch",
     }
@@ -191,7 +189,7 @@ pub struct Counters {
     pub frames: u64,
     pub forwarded: [u64; 5],
     pub passed: [u64; 6],
-    pub dropped: [u64; 20],
+    pub dropped: [u64; 19],
     pub rejected: [u64; 2],
     /// IPv4 frames with options (handled, counted for visibility).
     pub ipv4_options: u64,

@@ -535,7 +535,7 @@ the same backend gets the next port, and its answer finds its way back.",
 /// `prefix` plus two bytes chosen so that a UDP datagram with this payload from `src` to
 /// `dst` has a computed checksum of 0 (RFC 1071 arithmetic done here, by hand).
 fn zero_udp_checksum_payload(src: (IpAddr, u16), dst: (IpAddr, u16), prefix: &[u8]) -> Vec<u8> {
-    assert!(prefix.len() % 2 == 0);
+    assert!(prefix.len().is_multiple_of(2));
     let (IpAddr::V4(s), IpAddr::V4(d)) = (src.0, dst.0) else {
         panic!("IPv4 only");
     };

@@ -4,11 +4,18 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kxp_control::controller::DEFAULT_MIN_SYNC_INTERVAL;
+use kxp_control::ops::{DEFAULT_HEALTHZ_ADDR, DEFAULT_HEALTHZ_TIMEOUT, DEFAULT_METRICS_ADDR};
 use kxp_control::replay::{counter_summary, explain, run, ReplayArgs};
+use kxp_control::source::manifest_watch::DEFAULT_RESCAN_INTERVAL;
 use kxp_dataplane::pipeline::WorkerConfig;
 
 #[derive(Debug, Parser)]
-#[command(name = "kxp", version, about = "Userspace Kubernetes Service dataplane")]
+#[command(
+    name = "kxp",
+    version,
+    about = "Userspace Kubernetes Service dataplane"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,6 +51,46 @@ enum Command {
         #[arg(long)]
         masquerade_all: bool,
     },
+    /// Watch manifests (or the Kubernetes API), compile and publish tables on every change,
+    /// serve /healthz and /metrics (no packets are processed: the control plane alone).
+    Sync(SyncArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SyncArgs {
+    /// The node file.
+    #[arg(long)]
+    node: PathBuf,
+    /// Kubernetes manifests: a YAML/JSON file or a directory of them, watched.
+    #[arg(long, required_unless_present_any = ["kube", "kubeconfig"])]
+    manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API instead of manifests ($KUBECONFIG or ~/.kube/config if
+    /// present, else the in-cluster service account). The node is the node file's `name`.
+    #[arg(long, conflicts_with = "manifests")]
+    kube: bool,
+    /// Watch the Kubernetes API through this kubeconfig.
+    #[arg(long, conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
+    /// Where /metrics (and /healthz, /livez) are served.
+    #[arg(long, default_value_t = DEFAULT_METRICS_ADDR)]
+    metrics_addr: std::net::SocketAddr,
+    /// Where /healthz and /livez are served (only those, unless it is the metrics address);
+    /// 0.0.0.0:10256 for cloud load balancers' health checks.
+    #[arg(long, default_value_t = DEFAULT_HEALTHZ_ADDR)]
+    healthz_addr: std::net::SocketAddr,
+    /// Seconds a queued change may wait for a sync before /healthz answers 503.
+    #[arg(long, default_value_t = DEFAULT_HEALTHZ_TIMEOUT.as_secs())]
+    healthz_timeout: u64,
+    /// Minimum interval between two syncs, in milliseconds (kube-proxy's minSyncPeriod).
+    #[arg(long, default_value_t = DEFAULT_MIN_SYNC_INTERVAL.as_millis() as u64)]
+    min_sync_interval_ms: u64,
+    /// Seconds between rescans of the manifests (in addition to filesystem events).
+    #[arg(long, default_value_t = DEFAULT_RESCAN_INTERVAL.as_secs())]
+    rescan_interval: u64,
+    /// Sync the manifests once, print a summary and exit (status 1 if there are
+    /// configuration errors).
+    #[arg(long)]
+    once: bool,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +103,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Sync(args) => sync(args),
         Command::Replay {
             manifests,
             node,
@@ -100,4 +148,135 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `kxp sync`: manifests watch -> controller -> publisher, with the ops servers.
+fn sync(args: SyncArgs) -> ExitCode {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use kxp_control::controller::{Controller, ControllerConfig};
+    use kxp_control::ops::{Metrics, OpsServer, Routes};
+    use kxp_control::source::kube::{ClusterAccess, KubeSource, KubeSourceConfig};
+    use kxp_control::source::manifest_watch::{ManifestFiles, ManifestWatch, ManifestWatchConfig};
+    use kxp_control::source::SourceEvent;
+    use kxp_dataplane::pipeline::Tables;
+    use kxp_dataplane::publish::TablePublisher;
+    use kxp_dataplane::tables::ServiceTable;
+
+    if args.once && args.manifests.is_none() {
+        eprintln!("kxp sync: --once needs --manifests");
+        return ExitCode::from(2);
+    }
+    let node = match kxp_control::node::load_node_file(&args.node) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("kxp sync: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let publisher = TablePublisher::new(Tables {
+        services: Arc::new(ServiceTable::new()),
+        node: Arc::new(node.clone()),
+    });
+    let metrics = Metrics::new(Duration::from_secs(args.healthz_timeout));
+    let config = ControllerConfig {
+        min_sync_interval: Duration::from_millis(args.min_sync_interval_ms),
+        ..ControllerConfig::default()
+    };
+    let node_name = node.name.clone();
+    let mut controller = Controller::new(node, publisher, Arc::clone(&metrics), config);
+
+    if let (true, Some(manifests)) = (args.once, &args.manifests) {
+        let mut files = ManifestFiles::new(manifests);
+        files.rescan();
+        let Some(report) = controller.sync_once(SourceEvent::View(files.view())) else {
+            eprintln!("kxp sync: nothing to sync");
+            return ExitCode::from(2);
+        };
+        for n in &report.notices {
+            println!("notice: {n}");
+        }
+        for e in &report.errors {
+            println!("error: {e}");
+        }
+        println!("synced {}", report.summary());
+        return if report.errors.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        };
+    }
+
+    let mut servers = Vec::new();
+    let mut addrs = vec![(args.metrics_addr, Routes::All)];
+    if args.healthz_addr != args.metrics_addr {
+        addrs.push((args.healthz_addr, Routes::HealthOnly));
+    }
+    for (addr, routes) in addrs {
+        match OpsServer::bind_routes(addr, Arc::clone(&metrics), routes) {
+            Ok(s) => {
+                let paths = match routes {
+                    Routes::All => "/healthz, /livez, /metrics",
+                    Routes::HealthOnly => "/healthz, /livez",
+                };
+                tracing::info!(addr = %s.local_addr(), paths, "ops server");
+                servers.push(s);
+            }
+            Err(e) => {
+                eprintln!("kxp sync: cannot listen on {addr}: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Kept alive (and stopped when dropped) for as long as the controller runs.
+    let mut manifest_watch = None;
+    let mut kube_source = None;
+    if let Some(manifests) = &args.manifests {
+        let mut watch_config = ManifestWatchConfig::new(manifests);
+        watch_config.rescan_interval = Duration::from_secs(args.rescan_interval.max(1));
+        match ManifestWatch::spawn(watch_config, tx) {
+            Ok(w) => {
+                tracing::info!(
+                    manifests = %manifests.display(),
+                    fs_events = w.has_fs_watch(),
+                    "watching manifests"
+                );
+                manifest_watch = Some(w);
+            }
+            Err(e) => {
+                eprintln!("kxp sync: cannot start the manifests watch: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        let access = match &args.kubeconfig {
+            Some(path) => ClusterAccess::Kubeconfig(path.clone()),
+            None => ClusterAccess::Infer,
+        };
+        match KubeSource::start(KubeSourceConfig::new(access), &node_name, tx) {
+            Ok(k) => {
+                tracing::info!(node = %node_name, "watching the Kubernetes API");
+                kube_source = Some(k);
+            }
+            Err(e) => {
+                eprintln!("kxp sync: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let handle = match controller.spawn(rx) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("kxp sync: cannot start the controller: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Runs until killed: kxp sync holds no kernel state, there is nothing to clean up.
+    let _ = handle.join();
+    drop(manifest_watch);
+    drop(kube_source);
+    drop(servers);
+    ExitCode::SUCCESS
 }

@@ -3,6 +3,9 @@
 //! change trackers end up doing): the controller never has to replay a history of deltas,
 //! and a source that reconnects simply sends its fresh view.
 
+pub mod kube;
+pub mod manifest_watch;
+
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
@@ -38,4 +41,3 @@ pub enum SourceEvent {
     /// The source lost its connection; the controller keeps the last good tables.
     Disconnected(String),
 }
-pub mod kube;

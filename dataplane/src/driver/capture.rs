@@ -97,6 +97,15 @@ impl<R: BufRead> CaptureReader<R> {
         })
     }
 
+    /// Timestamp resolution of the input (pcapng and microsecond pcap: microseconds), so
+    /// that an output capture can keep it.
+    pub fn ts_resolution(&self) -> pcap_file::TsResolution {
+        match &self.format {
+            Format::Pcap(r, _) => r.header().ts_resolution,
+            Format::PcapNg(_) => pcap_file::TsResolution::MicroSecond,
+        }
+    }
+
     /// The next frame as Ethernet into `frame` (cleared first), with its timestamp.
     pub fn next_frame(&mut self, frame: &mut Vec<u8>) -> Option<Result<Duration, CaptureError>> {
         frame.clear();
@@ -201,8 +210,12 @@ mod tests {
             ..PcapHeader::default()
         };
         let mut w = PcapWriter::with_header(Vec::new(), header).unwrap();
-        w.write_packet(&PcapPacket::new(Duration::from_micros(5), data.len() as u32, data))
-            .unwrap();
+        w.write_packet(&PcapPacket::new(
+            Duration::from_micros(5),
+            data.len() as u32,
+            data,
+        ))
+        .unwrap();
         w.into_writer()
     }
 

@@ -81,7 +81,10 @@ impl From<pcap_file::PcapError> for ReplayError {
     }
 }
 
-/// Picks the ingress interface for a frame in [`IngressMode::Auto`].
+/// Picks the ingress interface for a frame in [`IngressMode::Auto`]: a source that is one
+/// of the node's own addresses comes from the host interface; any other source comes from
+/// the interface the node would route to it through (a local pod's veth, or the uplink
+/// for external clients and pods on other nodes), else the first uplink.
 pub fn auto_ingress(node: &NodeTable, frame: &[u8]) -> Option<IfaceId> {
     let first = |kind: IfaceKind| {
         node.interfaces
@@ -89,27 +92,14 @@ pub fn auto_ingress(node: &NodeTable, frame: &[u8]) -> Option<IfaceId> {
             .position(|i| i.kind == kind)
             .map(|i| IfaceId(i as u8))
     };
-    let src = match parse(frame) {
-        Ok(Parsed::Transport { key, .. }) => Some(key.src),
-        _ => frame_endpoints(frame).map(|e| e.src),
-    };
-    let by_neighbour = |a: &IpAddr, kind: IfaceKind| {
-        node.neighbour(a)
-            .filter(|n| {
-                node.interfaces
-                    .get(n.iface.0 as usize)
-                    .is_some_and(|i| i.kind == kind)
-            })
-            .map(|n| n.iface)
-    };
-    match src {
+    match frame_endpoints(frame).map(|e| e.src) {
         Some(a) if node.is_node_address(&a) => {
             first(IfaceKind::Host).or_else(|| first(IfaceKind::Uplink))
         }
-        Some(a) if node.in_cluster(&a) => by_neighbour(&a, IfaceKind::Pod)
-            .or_else(|| by_neighbour(&a, IfaceKind::Uplink))
-            .or_else(|| first(IfaceKind::Pod)),
-        Some(a) => by_neighbour(&a, IfaceKind::Uplink).or_else(|| first(IfaceKind::Uplink)),
+        Some(a) => node
+            .next_hop(&a)
+            .map(|h| h.iface)
+            .or_else(|| first(IfaceKind::Uplink)),
         None => first(IfaceKind::Uplink),
     }
     .or_else(|| (!node.interfaces.is_empty()).then_some(IfaceId(0)))
@@ -166,6 +156,8 @@ pub fn replay<R: BufRead, W: Write>(
     let mut reader = CaptureReader::new(input)?;
     let header = PcapHeader {
         datalink: DataLink::ETHERNET,
+        endianness: pcap_file::Endianness::Little,
+        ts_resolution: reader.ts_resolution(),
         ..PcapHeader::default()
     };
     let mut writer = PcapWriter::with_header(output, header)?;
@@ -203,7 +195,7 @@ pub fn replay<R: BufRead, W: Write>(
             emitted,
         });
         index += 1;
-        if index % BATCH_SIZE == 0 {
+        if index.is_multiple_of(BATCH_SIZE) {
             worker.housekeeping(now_ns);
         }
     }
