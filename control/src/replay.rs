@@ -38,6 +38,9 @@ pub struct ReplayOutcome {
     pub counters: Counters,
     /// Interface names by id, for rendering records.
     pub interfaces: Vec<String>,
+    /// For each record, the service frontend its input frame was addressed to, if any
+    /// (`namespace/name:port (Kind)`).
+    pub services: Vec<Option<String>>,
     /// Configuration problems (bad objects are skipped; the rest still replays).
     pub config_errors: Vec<String>,
     pub notices: Vec<String>,
@@ -108,8 +111,13 @@ pub fn run(args: &ReplayArgs) -> Result<ReplayOutcome, ReplayFailure> {
         ingress,
         |r| records.push(r),
     )?;
+    let services = records
+        .iter()
+        .map(|r| service_of(&tables, r.input.as_ref()))
+        .collect();
     let outcome = ReplayOutcome {
         frames,
+        services,
         records,
         counters: worker.counters.clone(),
         interfaces,
@@ -128,6 +136,40 @@ pub fn run(args: &ReplayArgs) -> Result<ReplayOutcome, ReplayFailure> {
         })?;
     }
     Ok(outcome)
+}
+
+/// The service frontend `input` is addressed to, for the readable explanation.
+fn service_of(
+    tables: &Tables,
+    input: Option<&kxp_dataplane::driver::replay::Endpoints>,
+) -> Option<String> {
+    let e = input?;
+    let (_, dport) = e.ports?;
+    let proto = kxp_dataplane::flow::L4Proto::from_ip_number(e.proto)?;
+    let fe = tables
+        .services
+        .frontend(&kxp_dataplane::tables::FrontendKey {
+            addr: e.dst,
+            proto,
+            port: dport,
+        })?;
+    Some(format!(
+        "{} ({})",
+        tables.services.service_port(fe.service_port).name,
+        fe.kind.as_str()
+    ))
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        0 => "frag".into(),
+        n => format!("ip/{n}"),
+    }
 }
 
 fn iface_name(names: &[String], id: IfaceId) -> &str {
@@ -179,16 +221,34 @@ pub fn write_report(o: &ReplayOutcome, path: &Path) -> std::io::Result<()> {
     w.flush()
 }
 
-/// A readable line per frame, for people.
+/// Readable lines per frame, for people: what arrived, which service it was for, what
+/// kxp did and what it sent.
 pub fn explain(o: &ReplayOutcome) -> String {
     let mut s = String::new();
-    for r in &o.records {
+    for (i, r) in o.records.iter().enumerate() {
         let j = record_json(&o.interfaces, r);
-        let _ = write!(
+        let arrived = match &r.input {
+            Some(e) => format!(
+                "{} {} > {}",
+                proto_name(e.proto),
+                socket(e.src, e.ports.map(|p| p.0)),
+                socket(e.dst, e.ports.map(|p| p.1))
+            ),
+            None => "(not IP, or too broken to read)".into(),
+        };
+        let _ = writeln!(
             s,
-            "#{:<4} in {:<12} {:<8} {:<24}",
+            "#{:<3} on {:<10} {}",
             r.index,
             iface_name(&o.interfaces, r.ingress),
+            arrived
+        );
+        if let Some(Some(svc)) = o.services.get(i) {
+            let _ = writeln!(s, "     service {svc}");
+        }
+        let _ = write!(
+            s,
+            "     {} ({})",
             r.verdict.kind_str(),
             r.verdict.reason_str()
         );
@@ -197,7 +257,7 @@ pub fn explain(o: &ReplayOutcome) -> String {
             j["dst"].as_str(),
             j["out_interface"].as_str(),
         ) {
-            let _ = write!(s, " -> {out}: {src} > {dst}");
+            let _ = write!(s, " -> out {out}: {src} > {dst}");
         }
         s.push('\n');
     }

@@ -34,6 +34,8 @@ pub struct Endpoints {
     pub dst: IpAddr,
     /// Ports, for TCP/UDP/SCTP.
     pub ports: Option<(u16, u16)>,
+    /// IP protocol number (after IPv6 extension headers); 0 for fragments.
+    pub proto: u8,
 }
 
 /// What happened to one input frame.
@@ -42,6 +44,8 @@ pub struct ReplayRecord {
     /// 0-based index in the input capture.
     pub index: usize,
     pub ingress: IfaceId,
+    /// Addresses of the frame as it arrived, if it parsed that far.
+    pub input: Option<Endpoints>,
     pub verdict: Verdict,
     /// Addresses of the emitted frame (forwarded or generated), if any.
     pub emitted: Option<Endpoints>,
@@ -112,6 +116,7 @@ pub fn frame_endpoints(frame: &[u8]) -> Option<Endpoints> {
             src: key.src,
             dst: key.dst,
             ports: Some((key.sport, key.dport)),
+            proto: key.proto as u8,
         }),
         Parsed::IcmpError { layout, .. } | Parsed::OtherIp { layout, .. } => {
             let (s, d) = if layout.is_ipv4() {
@@ -129,12 +134,14 @@ pub fn frame_endpoints(frame: &[u8]) -> Option<Endpoints> {
                 src: crate::wire::read_addr(frame, s),
                 dst: crate::wire::read_addr(frame, d),
                 ports: None,
+                proto: layout.proto,
             })
         }
         Parsed::Fragment { src, dst } => Some(Endpoints {
             src,
             dst,
             ports: None,
+            proto: 0,
         }),
         _ => None,
     }
@@ -171,6 +178,7 @@ pub fn replay<R: BufRead, W: Write>(
             IngressMode::Fixed(i) => i,
             IngressMode::Auto => auto_ingress(&tables.node, &buf).unwrap_or(IfaceId(0)),
         };
+        let input = frame_endpoints(&buf);
         let verdict = worker.process(tables, &mut buf, iface, now_ns, &mut scratch);
         let emitted_bytes: Option<&[u8]> = match verdict {
             Verdict::Forward { start, len, .. } => Some(&buf[start..start + len]),
@@ -191,6 +199,7 @@ pub fn replay<R: BufRead, W: Write>(
         on_record(ReplayRecord {
             index,
             ingress: iface,
+            input,
             verdict,
             emitted,
         });
