@@ -17,11 +17,29 @@
 //!   The port is that of the slice port with the service port's name and protocol (which
 //!   is how a `targetPort` by name or by number resolves: the EndpointSlice controller did
 //!   it). Endpoints are deduplicated by (address, port), preferring a local one, and sorted
-//!   by (address, port). Conditions: `ready` nil = true, `serving` nil = ready (as the API
-//!   documents), `terminating` nil = false; `local` = `nodeName` is this node.
+//!   by (address, port). Conditions: `ready` nil = true, `serving` nil = true, `terminating`
+//!   nil = false (as the API documents them and kube-proxy's EndpointSliceCache reads
+//!   them); `local` = `nodeName` is this node.
 //! * [`ServicePort::endpoints`] lists every endpoint, usable or not. The Maglev tables
 //!   index into it: they are built over the whole list with weight 0 for the endpoints not
-//!   in the set (see [`lb_members`] for which are). Maglev ids are [`backend_id`]s.
+//!   in the set (see [`lb_members_with_hints`] for which are). [`Backend::weight`] is 1 for
+//!   the members of the cluster-wide set and 0 for the others, so that the dataplane (e.g.
+//!   ClientIP affinity) can tell them apart, and so that a change of that set (conditions,
+//!   hints, the node's zone) is a change of the endpoint list. Maglev ids are
+//!   [`backend_id`]s.
+//! * Topology (kube-proxy's `CategorizeEndpoints` / `topologyModeFromHints`): the
+//!   cluster-wide set is narrowed to the endpoints hinted for this node (`hints.forNodes`,
+//!   trafficDistribution PreferSameNode) when every ready endpoint has a node hint and one
+//!   names this node; else to the endpoints hinted for the node's zone
+//!   ([`NodeTable::zone`]; `hints.forZones`, written for PreferClose / PreferSameZone and
+//!   topology-mode Auto) when every ready endpoint has a zone hint and one names the
+//!   zone; else it is every ready endpoint. The node-local set ignores topology. The
+//!   Service's `trafficDistribution` itself is not read: as in kube-proxy, the hints the
+//!   EndpointSlice controller wrote are what counts.
+//! * Health checks: a LoadBalancer service with `externalTrafficPolicy: Local` and a
+//!   `healthCheckNodePort` gets a [`HealthCheckNodePort`] in [`Compiled::health_checks`]
+//!   with its count of node-local ready endpoints, for
+//!   [`HealthCheckServers`](crate::healthcheck::HealthCheckServers).
 //! * Policies: `externalTrafficPolicy: Local` for externally accessible services (NodePort,
 //!   LoadBalancer, or ClusterIP with externalIPs, as Kubernetes defines it);
 //!   `internalTrafficPolicy: Local`; `sessionAffinity: ClientIP` with its timeout (default
@@ -36,11 +54,12 @@
 //! * Reuse: given the previous table, a service port whose endpoint list is identical to
 //!   that of the previous service port of the same name and protocol keeps its Maglev
 //!   tables (the same `Arc`s), and the whole `Arc<ServicePort>` when its policy did not
-//!   change either. `previous` must have been compiled with the same
+//!   change either (the weights make a change of membership by topology a change of the
+//!   list). `previous` must have been compiled with the same
 //!   [`CompileOptions::maglev`]; pass `None` after changing it.
 
 use core::net::{IpAddr, SocketAddr};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -84,6 +103,22 @@ pub struct Compiled {
     pub errors: Vec<ConfigError>,
     /// Services skipped on purpose (headless, ExternalName, another proxy's), one line each.
     pub notices: Vec<String>,
+    /// The health check node ports to serve, in namespace/name order.
+    pub health_checks: Vec<HealthCheckNodePort>,
+}
+
+/// A service's `healthCheckNodePort` and what it reports: kube-proxy serves one for every
+/// LoadBalancer service with `externalTrafficPolicy: Local`, telling load balancers whether
+/// this node has endpoints for it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HealthCheckNodePort {
+    pub namespace: String,
+    pub name: String,
+    pub port: u16,
+    /// Distinct addresses of the ready endpoints on this node, over all the service's
+    /// ports (kube-proxy's `LocalReadyEndpoints`: terminating endpoints do not count). For
+    /// a dual-stack service, the larger of the two families' counts.
+    pub local_endpoints: usize,
 }
 
 /// Compiles a manifest set (its errors and notices are not copied: they are the loader's).
@@ -139,35 +174,131 @@ pub fn compile_objects(
 /// `CategorizeEndpoints` picks them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LbMembers {
-    /// Cluster-wide: the ready endpoints; if none is ready, the serving and terminating
-    /// ones (so that connections drain instead of being dropped).
+    /// Cluster-wide: the ready endpoints (narrowed by topology, see [`TopologyMode`]); if
+    /// none is ready, the serving and terminating ones (so that connections drain instead
+    /// of being dropped).
     pub cluster: Vec<bool>,
     /// Node-local (traffic policy Local): the ready local endpoints; if none is, the
-    /// serving and terminating local ones.
+    /// serving and terminating local ones. Topology does not apply.
     pub local: Vec<bool>,
 }
 
-/// Computes [`LbMembers`] for an endpoint list (same indexes).
-pub fn lb_members(endpoints: &[Backend]) -> LbMembers {
-    let usable = |only_local: bool| {
-        let candidate = |b: &Backend| !only_local || b.local;
-        let any_ready = endpoints.iter().any(|b| candidate(b) && b.ready);
-        endpoints
-            .iter()
-            .map(|b| {
-                candidate(b)
-                    && if any_ready {
-                        b.ready
-                    } else {
-                        b.serving && b.terminating
-                    }
-            })
-            .collect()
-    };
-    LbMembers {
-        cluster: usable(false),
-        local: usable(true),
+/// An endpoint's topology hints, from its EndpointSlice.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointHints {
+    /// `hints.forZones[].name`.
+    pub zones: Vec<String>,
+    /// `hints.forNodes[].name`.
+    pub nodes: Vec<String>,
+}
+
+impl EndpointHints {
+    pub fn is_empty(&self) -> bool {
+        self.zones.is_empty() && self.nodes.is_empty()
     }
+}
+
+/// How topology narrows the cluster-wide endpoints (kube-proxy's `topologyModeFromHints`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopologyMode {
+    /// Every ready endpoint.
+    None,
+    /// The ready endpoints hinted for the node's zone.
+    SameZone,
+    /// The ready endpoints hinted for this node.
+    SameNode,
+}
+
+/// The topology mode of an endpoint list: same-node when every ready endpoint has a node
+/// hint and one is hinted for `node`; else same-zone when every ready endpoint has a zone
+/// hint and one is hinted for `zone`; else none. Missing `hints` entries count as no
+/// hints.
+pub fn topology_mode(
+    endpoints: &[Backend],
+    hints: &[EndpointHints],
+    node: &str,
+    zone: Option<&str>,
+) -> TopologyMode {
+    let no_hints = EndpointHints::default();
+    let mut any_ready = false;
+    let (mut all_node_hints, mut for_node) = (true, false);
+    let (mut all_zone_hints, mut for_zone) = (true, false);
+    for (i, b) in endpoints.iter().enumerate() {
+        if !b.ready {
+            continue;
+        }
+        any_ready = true;
+        let h = hints.get(i).unwrap_or(&no_hints);
+        if h.nodes.is_empty() {
+            all_node_hints = false;
+        } else if h.nodes.iter().any(|n| n == node) {
+            for_node = true;
+        }
+        if h.zones.is_empty() {
+            all_zone_hints = false;
+        } else if zone.is_some_and(|z| h.zones.iter().any(|x| x == z)) {
+            for_zone = true;
+        }
+    }
+    if !any_ready {
+        TopologyMode::None
+    } else if all_node_hints && for_node {
+        TopologyMode::SameNode
+    } else if all_zone_hints && for_zone {
+        TopologyMode::SameZone
+    } else {
+        TopologyMode::None
+    }
+}
+
+/// Computes [`LbMembers`] for an endpoint list (same indexes), without topology.
+pub fn lb_members(endpoints: &[Backend]) -> LbMembers {
+    lb_members_with_hints(endpoints, &[], "", None)
+}
+
+/// Computes [`LbMembers`] for an endpoint list and its hints (same indexes) on node `node`
+/// in zone `zone`.
+pub fn lb_members_with_hints(
+    endpoints: &[Backend],
+    hints: &[EndpointHints],
+    node: &str,
+    zone: Option<&str>,
+) -> LbMembers {
+    let mode = topology_mode(endpoints, hints, node, zone);
+    let no_hints = EndpointHints::default();
+    let in_topology = |i: usize| {
+        let h = hints.get(i).unwrap_or(&no_hints);
+        match mode {
+            TopologyMode::None => true,
+            TopologyMode::SameNode => h.nodes.iter().any(|n| n == node),
+            TopologyMode::SameZone => zone.is_some_and(|z| h.zones.iter().any(|x| x == z)),
+        }
+    };
+    let serving_terminating = |b: &Backend| b.serving && b.terminating;
+
+    let mut cluster: Vec<bool> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b.ready && in_topology(i))
+        .collect();
+    // A topology mode is only chosen when it leaves a ready endpoint, so an empty set here
+    // means that none is ready anywhere.
+    if !cluster.iter().any(|m| *m) {
+        cluster = endpoints.iter().map(serving_terminating).collect();
+    }
+    let any_local_ready = endpoints.iter().any(|b| b.local && b.ready);
+    let local = endpoints
+        .iter()
+        .map(|b| {
+            b.local
+                && if any_local_ready {
+                    b.ready
+                } else {
+                    serving_terminating(b)
+                }
+        })
+        .collect();
+    LbMembers { cluster, local }
 }
 
 /// A backend's Maglev identity: a hash of its address and port, stable across runs, so
@@ -186,7 +317,7 @@ pub fn backend_id(addr: IpAddr, port: u16) -> u64 {
 }
 
 /// Builds a Maglev table over all of `endpoints` (so its indexes are `endpoints`
-/// indexes), giving slots only to the members.
+/// indexes), giving slots (weight 1 each) only to the members.
 fn build_table(endpoints: &[Backend], members: &[bool], cfg: &MaglevConfig) -> MaglevTable {
     if !members.iter().any(|m| *m) {
         return MaglevTable::empty();
@@ -196,7 +327,7 @@ fn build_table(endpoints: &[Backend], members: &[bool], cfg: &MaglevConfig) -> M
         .zip(members)
         .map(|(b, &member)| MaglevBackend {
             id: backend_id(b.addr, b.port),
-            weight: if member { u32::from(b.weight) } else { 0 },
+            weight: u32::from(member),
         })
         .collect();
     MaglevTable::build(&backends, cfg)
@@ -271,6 +402,7 @@ struct EndpointInfo {
     serving: bool,
     terminating: bool,
     local: bool,
+    hints: EndpointHints,
 }
 
 /// The previous table's service ports by (name, protocol), for reuse.
@@ -422,15 +554,35 @@ impl<'a> Compiler<'a> {
                 }
                 let cond = ep.conditions.as_ref();
                 let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-                let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+                // nil = true, as the API documents it and kube-proxy reads it (not "= ready").
+                let serving = cond.and_then(|c| c.serving).unwrap_or(true);
                 let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
                 let local = ep.node_name.as_deref() == Some(self.node.name.as_str());
+                let hints = ep
+                    .hints
+                    .as_ref()
+                    .map(|h| EndpointHints {
+                        zones: h
+                            .for_zones
+                            .iter()
+                            .flatten()
+                            .map(|z| z.name.clone())
+                            .collect(),
+                        nodes: h
+                            .for_nodes
+                            .iter()
+                            .flatten()
+                            .map(|n| n.name.clone())
+                            .collect(),
+                    })
+                    .unwrap_or_default();
                 info.endpoints.push(EndpointInfo {
                     addr,
                     ready,
                     serving,
                     terminating,
                     local,
+                    hints,
                 });
             }
             by_service
@@ -446,6 +598,9 @@ impl<'a> Compiler<'a> {
             return;
         };
         let spec = svc.spec.as_ref().expect("service_info checked the spec");
+        // Distinct local ready endpoint addresses per family, for the health check.
+        let mut local_ready: [BTreeSet<IpAddr>; 2] = Default::default();
+        let mut compiled_ports = 0usize;
         for (i, p) in spec.ports.iter().flatten().enumerate() {
             let field = format!("spec.ports[{i}]");
             let proto = match parse_proto(p.protocol.as_deref()) {
@@ -492,11 +647,18 @@ impl<'a> Compiler<'a> {
             };
             for (family, cluster_ip, cluster_ip_field) in &info.cluster_ips {
                 let family = *family;
-                let endpoints = self.endpoints(slices, family, &name, proto);
+                let (endpoints, hints) = self.endpoints(slices, family, &name, proto);
+                local_ready[family as usize].extend(
+                    endpoints
+                        .iter()
+                        .filter(|b| b.local && b.ready)
+                        .map(|b| b.addr),
+                );
                 let mut policy = info.policy.clone();
                 policy.source_ranges.retain(|r| Family::of_net(r) == family);
-                let sp = self.service_port(name.clone(), proto, endpoints, policy);
+                let sp = self.service_port(name.clone(), proto, endpoints, &hints, policy);
                 let id = self.out.table.add_service_port(sp);
+                compiled_ports += 1;
 
                 let mut frontends = vec![(
                     FrontendKind::ClusterIp,
@@ -548,6 +710,55 @@ impl<'a> Compiler<'a> {
                 }
             }
         }
+        if compiled_ports > 0 {
+            let local_endpoints = local_ready.iter().map(BTreeSet::len).max().unwrap_or(0);
+            self.health_check(svc, &info, local_endpoints);
+        }
+    }
+
+    /// Records the service's health check node port, when kube-proxy would serve one: type
+    /// LoadBalancer, `externalTrafficPolicy: Local` (its `NeedsHealthCheck`), and a port
+    /// set. Two services on one port: the first, in namespace/name order, keeps it.
+    fn health_check(&mut self, svc: &Service, info: &ServiceInfo, local_endpoints: usize) {
+        let spec = svc.spec.as_ref().expect("service_info checked the spec");
+        if spec.type_.as_deref() != Some("LoadBalancer") || !info.policy.external_local {
+            return;
+        }
+        let field = "spec.healthCheckNodePort";
+        let port = match spec.health_check_node_port {
+            None | Some(0) => {
+                // The API server allocates one; hand-written manifests may leave it out.
+                // kube-proxy logs it and goes on: a notice, not an error.
+                self.out.notices.push(format!(
+                    "{}: no {field} (externalTrafficPolicy Local); no health check served",
+                    info.object
+                ));
+                return;
+            }
+            Some(n) => match parse_port(n) {
+                Some(p) => p,
+                None => {
+                    self.error(&info.object, field, format!("{n} is out of range"));
+                    return;
+                }
+            },
+        };
+        if let Some(holder) = self.out.health_checks.iter().find(|h| h.port == port) {
+            let message = format!(
+                "health check node port {port} is already taken by {}/{}",
+                holder.namespace, holder.name
+            );
+            self.out
+                .errors
+                .push(ConfigError::clash(&info.object, field, message));
+            return;
+        }
+        self.out.health_checks.push(HealthCheckNodePort {
+            namespace: info.namespace.clone(),
+            name: info.name.clone(),
+            port,
+            local_endpoints,
+        });
     }
 
     /// Checks the port-independent parts of a service; `None` when it is skipped or
@@ -774,15 +985,17 @@ impl<'a> Compiler<'a> {
         })
     }
 
-    /// The endpoints of one service port in one family, deduplicated and sorted.
+    /// The endpoints of one service port in one family, deduplicated and sorted, with their
+    /// topology hints (same indexes). Weights are left at 1: [`Self::service_port`] sets
+    /// them.
     fn endpoints(
         &mut self,
         slices: &[SliceInfo],
         family: Family,
         name: &ServicePortName,
         proto: L4Proto,
-    ) -> Vec<Backend> {
-        let mut by_key: BTreeMap<(IpAddr, u16), Backend> = BTreeMap::new();
+    ) -> (Vec<Backend>, Vec<EndpointHints>) {
+        let mut by_key: BTreeMap<(IpAddr, u16), (Backend, &EndpointHints)> = BTreeMap::new();
         for slice in slices.iter().filter(|s| s.family == family) {
             let Some(sp) = slice
                 .ports
@@ -804,11 +1017,12 @@ impl<'a> Compiler<'a> {
                 // As kube-proxy: the first one wins, unless a later one is local.
                 let key = (b.addr, b.port);
                 if b.local || !by_key.contains_key(&key) {
-                    by_key.insert(key, b);
+                    by_key.insert(key, (b, &ep.hints));
                 }
             }
         }
-        let mut endpoints: Vec<Backend> = by_key.into_values().collect();
+        let (mut endpoints, mut hints): (Vec<Backend>, Vec<EndpointHints>) =
+            by_key.into_values().map(|(b, h)| (b, h.clone())).unzip();
         if endpoints.len() > MAX_BACKENDS {
             self.error(
                 &format!("{}/{}", name.namespace, name.name),
@@ -819,19 +1033,32 @@ impl<'a> Compiler<'a> {
                 ),
             );
             endpoints.truncate(MAX_BACKENDS);
+            hints.truncate(MAX_BACKENDS);
         }
-        endpoints
+        (endpoints, hints)
     }
 
     /// A service port, reusing the previous one (or its Maglev tables) when its endpoints
-    /// did not change.
+    /// (weights included) did not change.
     fn service_port(
         &mut self,
         name: ServicePortName,
         proto: L4Proto,
-        endpoints: Vec<Backend>,
+        mut endpoints: Vec<Backend>,
+        hints: &[EndpointHints],
         policy: ServicePolicy,
     ) -> Arc<ServicePort> {
+        let members = lb_members_with_hints(
+            &endpoints,
+            hints,
+            &self.node.name,
+            self.node.zone.as_deref(),
+        );
+        for (b, member) in endpoints.iter_mut().zip(&members.cluster) {
+            b.weight = u16::from(*member);
+        }
+        // The weights carry the cluster-wide membership and the flags the local one, so an
+        // equal endpoint list means equal tables, whatever the hints.
         if let Some(old) = self.previous.find(&name, proto, &endpoints) {
             if old.policy == policy {
                 return Arc::clone(old);
@@ -845,7 +1072,6 @@ impl<'a> Compiler<'a> {
                 policy,
             });
         }
-        let members = lb_members(&endpoints);
         let cfg = &self.opts.maglev;
         let cluster_lb = Arc::new(build_table(&endpoints, &members.cluster, cfg));
         let local_lb = if members.local == members.cluster {
@@ -1251,11 +1477,18 @@ endpoints:
         let sp = sp_at(&c.table, "10.96.0.60", 80);
         // All of them stay known.
         assert_eq!(sp.endpoints.len(), 5);
-        assert!(!sp.endpoints[2].serving, "serving nil = ready");
+        assert!(
+            sp.endpoints[2].serving,
+            "serving nil = true, as kube-proxy reads it"
+        );
         let m = lb_members(&sp.endpoints);
         assert_eq!(
             members_of(sp, &m.cluster),
-            ["10.244.1.1:8080", "10.244.1.4:8080"]
+            ["10.244.1.1:8080", "10.244.1.3:8080", "10.244.1.4:8080"]
+        );
+        assert_eq!(
+            sp.endpoints.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            [1, 0, 1, 1, 0]
         );
         assert_eq!(members_of(sp, &m.local), ["10.244.1.1:8080"]);
         check_tables(&c.table);
@@ -1270,6 +1503,167 @@ endpoints:
         assert_eq!(members_of(sp, &m.cluster), ["10.244.1.6:8080"]);
         assert_eq!(members_of(sp, &m.local), ["10.244.1.1:8080"]);
         check_tables(&c.table);
+    }
+
+    #[test]
+    fn zone_and_node_hints_narrow_the_cluster_set() {
+        let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: z}
+spec: {clusterIP: 10.96.0.61, trafficDistribution: PreferClose, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: z-1, labels: {kubernetes.io/service-name: z}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+  - {addresses: [10.244.1.1], nodeName: node-a, zone: zone-a, hints: {forZones: [{name: zone-a}]}}
+  - {addresses: [10.244.2.1], nodeName: node-b, zone: zone-b, hints: {forZones: [{name: zone-b}]}}
+  - {addresses: [10.244.3.1], nodeName: node-c, zone: zone-a, hints: {forZones: [{name: zone-a}]}}
+"#;
+        let with_zone = |zone: Option<&str>| {
+            let mut n = node();
+            n.zone = zone.map(String::from);
+            compile(
+                &parse_manifests(yaml, "t"),
+                &n,
+                &CompileOptions::default(),
+                None,
+            )
+        };
+        let a = with_zone(Some("zone-a"));
+        assert!(a.errors.is_empty(), "{:?}", a.errors);
+        let sp = sp_at(&a.table, "10.96.0.61", 80);
+        assert_eq!(
+            sp.endpoints.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            [1, 0, 1]
+        );
+        let b = with_zone(Some("zone-b"));
+        let sp_b = sp_at(&b.table, "10.96.0.61", 80);
+        assert_eq!(
+            sp_b.endpoints.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            [0, 1, 0]
+        );
+        // No zone, or a zone nobody is hinted for: every ready endpoint.
+        for n in [with_zone(None), with_zone(Some("zone-z"))] {
+            let sp = sp_at(&n.table, "10.96.0.61", 80);
+            assert!(sp.endpoints.iter().all(|b| b.weight == 1));
+        }
+        // A zone change is a membership change: no reuse of the previous tables.
+        let mut nb = node();
+        nb.zone = Some("zone-b".into());
+        let again = compile(
+            &parse_manifests(yaml, "t"),
+            &nb,
+            &CompileOptions::default(),
+            Some(&a.table),
+        );
+        let sp2 = sp_at(&again.table, "10.96.0.61", 80);
+        assert!(!Arc::ptr_eq(&sp.cluster_lb, &sp2.cluster_lb));
+        assert_eq!(*sp2.cluster_lb, *sp_b.cluster_lb);
+
+        // Node hints win over zone hints when every ready endpoint has one.
+        let hints = [
+            EndpointHints {
+                zones: vec!["zone-a".into()],
+                nodes: vec!["node-a".into()],
+            },
+            EndpointHints {
+                zones: vec!["zone-a".into()],
+                nodes: vec!["node-b".into()],
+            },
+        ];
+        let eps: Vec<Backend> = ["10.244.1.1", "10.244.2.1"]
+            .iter()
+            .map(|a| Backend {
+                addr: a.parse().unwrap(),
+                port: 80,
+                ready: true,
+                serving: true,
+                terminating: false,
+                local: false,
+                weight: 1,
+            })
+            .collect();
+        assert_eq!(
+            topology_mode(&eps, &hints, "node-a", Some("zone-a")),
+            TopologyMode::SameNode
+        );
+        assert_eq!(
+            lb_members_with_hints(&eps, &hints, "node-a", Some("zone-a")).cluster,
+            [true, false]
+        );
+        assert_eq!(
+            topology_mode(&eps, &hints, "node-c", Some("zone-a")),
+            TopologyMode::SameZone
+        );
+        assert_eq!(
+            topology_mode(&eps, &hints[..1], "node-a", Some("zone-a")),
+            TopologyMode::None,
+            "an endpoint without hints disables topology"
+        );
+    }
+
+    #[test]
+    fn health_check_node_ports() {
+        let c = run(r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a-lb, namespace: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.62
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  ports: [{name: http, port: 80, nodePort: 30062}, {name: https, port: 443, nodePort: 30063}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b-lb, namespace: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.63
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  ports: [{port: 80, nodePort: 30064}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: c-np, namespace: web}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.64
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32001
+  ports: [{port: 80, nodePort: 30065}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: a-lb-1, namespace: web, labels: {kubernetes.io/service-name: a-lb}}
+addressType: IPv4
+ports: [{name: http, port: 8080}, {name: https, port: 8443}]
+endpoints:
+  - {addresses: [10.244.1.1], nodeName: node-a}
+  - {addresses: [10.244.1.2], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}
+  - {addresses: [10.244.1.3], nodeName: node-a}
+  - {addresses: [10.244.2.1], nodeName: node-b}
+"#);
+        assert_eq!(
+            c.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            ["web/b-lb: spec.healthCheckNodePort: health check node port 32000 is already taken by web/a-lb"]
+        );
+        // Two ports, two local ready addresses: 2 (by address, not address:port).
+        assert_eq!(
+            c.health_checks,
+            [HealthCheckNodePort {
+                namespace: "web".into(),
+                name: "a-lb".into(),
+                port: 32000,
+                local_endpoints: 2,
+            }]
+        );
     }
 
     #[test]

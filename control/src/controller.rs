@@ -151,6 +151,8 @@ pub struct Controller {
     notices_reported: HashSet<String>,
     disconnected: Option<String>,
     syncs: u64,
+    /// healthCheckNodePort servers kept in step with each sync, if serving them.
+    health_checks: Option<Arc<crate::healthcheck::HealthCheckServers>>,
 }
 
 impl Controller {
@@ -179,7 +181,14 @@ impl Controller {
             notices_reported: HashSet::new(),
             disconnected: None,
             syncs: 0,
+            health_checks: None,
         }
+    }
+
+    /// Serves kube-proxy's healthCheckNodePort answers for the services that ask for
+    /// them, opened and closed on every sync.
+    pub fn set_health_checks(&mut self, servers: Arc<crate::healthcheck::HealthCheckServers>) {
+        self.health_checks = Some(servers);
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -268,7 +277,12 @@ impl Controller {
         if !info.addresses.is_empty() {
             node.addresses = info.addresses.clone();
         }
-        let addresses_changed = node.addresses != self.node.addresses;
+        if info.zone.is_some() {
+            node.zone = info.zone.clone();
+        }
+        // Addresses and the zone (topology hints) both reach the tables.
+        let addresses_changed =
+            node.addresses != self.node.addresses || node.zone != self.node.zone;
         if addresses_changed {
             tracing::info!(addresses = ?node.addresses, "node addresses");
             self.node = Arc::new(node);
@@ -305,6 +319,9 @@ impl Controller {
             &self.config.compile,
             previous,
         );
+        if let Some(hc) = &self.health_checks {
+            hc.sync(&compiled.health_checks);
+        }
         self.generation += 1;
         compiled.table.generation = self.generation;
         let reused_ports = match previous {

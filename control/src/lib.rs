@@ -9,6 +9,7 @@
 pub mod compile;
 pub mod controller;
 pub mod error;
+pub mod healthcheck;
 pub mod manifest;
 pub mod node;
 pub mod ops;

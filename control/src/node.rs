@@ -7,6 +7,7 @@
 //! clusterCIDRs: [10.244.0.0/16, "fd00:244::/56"]
 //! serviceCIDRs: [10.96.0.0/16, "fd00:96::/112"]
 //! nodePortAddresses: []     # optional; IPs, or CIDRs selecting node addresses; empty = all
+//! zone: zone-a              # optional; topology.kubernetes.io/zone, for topology hints
 //! interfaces:
 //!   - {name: eth0, kind: uplink, mac: "02:00:00:00:00:01"}
 //!   - {name: veth-pod-a, kind: pod, mac: "02:00:00:00:01:01"}
@@ -44,6 +45,8 @@ struct NodeFile {
     service_cidrs: Vec<String>,
     #[serde(default)]
     node_port_addresses: Vec<String>,
+    #[serde(default)]
+    zone: Option<String>,
     #[serde(default)]
     interfaces: Vec<InterfaceSpec>,
     #[serde(default)]
@@ -151,6 +154,17 @@ pub fn parse_node(yaml: &str, origin: &str) -> Result<NodeTable, ConfigError> {
                 format!("{a:?} is neither an IP address nor a CIDR"),
             ));
         }
+    }
+
+    if let Some(zone) = &file.zone {
+        let zone = zone.trim();
+        if zone.is_empty() {
+            return Err(invalid(
+                "zone".into(),
+                "must not be empty (leave it out for no zone)".into(),
+            ));
+        }
+        node.zone = Some(zone.to_string());
     }
 
     if file.interfaces.len() > MAX_INTERFACES {
@@ -304,6 +318,7 @@ routes:
         assert!(n.in_service_cidr(&"10.96.1.1".parse().unwrap()));
         assert!(!n.in_service_cidr(&"10.97.1.1".parse().unwrap()));
         assert_eq!(n.node_port_addresses(), &n.addresses[..]);
+        assert_eq!(n.zone, None);
         assert_eq!(n.interfaces.len(), 3);
         assert_eq!(n.interface(IfaceId(1)).kind, IfaceKind::Pod);
         assert_eq!(n.interface_by_name("host"), Some(IfaceId(2)));
@@ -332,6 +347,16 @@ routes:
         assert!(
             err("name: n\naddresses: [10.0.0.5]\nnodePortAddresses: [172.16.0.0/12]\n")
                 .contains("nodePortAddresses[0]: 172.16.0.0/12 contains none")
+        );
+    }
+
+    #[test]
+    fn zone_is_read_and_checked() {
+        let n = parse_node("name: n\naddresses: [10.0.0.5]\nzone: \" zone-a \"\n", "x").unwrap();
+        assert_eq!(n.zone.as_deref(), Some("zone-a"));
+        assert_eq!(
+            err("name: n\naddresses: [10.0.0.5]\nzone: \"\"\n"),
+            "node.yaml: zone: must not be empty (leave it out for no zone)"
         );
     }
 

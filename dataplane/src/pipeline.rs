@@ -304,6 +304,12 @@ impl Worker {
             return Verdict::Drop(DropReason::SourceRangeDenied);
         }
         let src_in_cluster = node.in_cluster(&key.src);
+        // kube-proxy detects local (pod) traffic per IP family: without a cluster CIDR of the
+        // frame's family it does not masquerade off-cluster ClusterIP traffic.
+        let detect_local = node
+            .cluster_cidrs
+            .iter()
+            .any(|c| c.addr().is_ipv4() == key.src.is_ipv4());
         let src_is_node =
             node.is_node_address(&key.src) || node.interface(ingress).kind == IfaceKind::Host;
         // Which endpoints, by kube-proxy's rules: external traffic under policy Local goes
@@ -352,10 +358,13 @@ impl Worker {
                 (b.addr, b.port)
             }
         };
+        // masqueradeAll, like kube-proxy's, covers traffic to ClusterIPs (external traffic
+        // under eTP Cluster is masqueraded anyway; under eTP Local it keeps its source).
         let masquerade = backend.0 == key.src
-            || self.cfg.masquerade_all
             || match fe.kind {
-                FrontendKind::ClusterIp => !node.cluster_cidrs.is_empty() && !src_in_cluster,
+                FrontendKind::ClusterIp => {
+                    self.cfg.masquerade_all || (detect_local && !src_in_cluster)
+                }
                 _ => !sp.policy.external_local || src_is_node,
             };
         let hop = match prepare_forward(node, frame, &layout, backend.0) {
@@ -435,8 +444,21 @@ impl Worker {
             .endpoints
             .iter()
             .find(|b| b.addr == e.backend && b.port == e.port)?;
-        let usable =
-            b.weight > 0 && (b.ready || (b.serving && b.terminating)) && (!local_only || b.local);
+        // Only a member of the set this flow draws from (kube-proxy's affinity rules exist
+        // only for the endpoints of the chain): the cluster-wide set is the endpoints of
+        // weight > 0; the local one, the ready local endpoints, or if there are none the
+        // serving and terminating local ones (whatever their cluster-wide weight).
+        let usable = if local_only {
+            let any_local_ready = sp.endpoints.iter().any(|x| x.local && x.ready);
+            b.local
+                && if any_local_ready {
+                    b.ready
+                } else {
+                    b.serving && b.terminating
+                }
+        } else {
+            b.weight > 0 && (b.ready || (b.serving && b.terminating))
+        };
         usable.then_some((b.addr, b.port))
     }
 

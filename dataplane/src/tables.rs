@@ -271,6 +271,9 @@ pub struct NodeTable {
     pub service_cidrs: Vec<IpNet>,
     /// Addresses NodePorts answer on; empty means every node address.
     pub node_port_addresses: Vec<IpAddr>,
+    /// The node's zone (`topology.kubernetes.io/zone`), for topology-aware routing: the
+    /// control plane uses endpoints hinted for this zone when the hints allow it.
+    pub zone: Option<String>,
     pub interfaces: Vec<Interface>,
     neighbours: HashMap<IpAddr, Neighbour>,
     /// Longest prefix first.
