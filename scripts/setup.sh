@@ -6,7 +6,7 @@
 # checks use. Idempotent: installs only what is missing.
 set -euo pipefail
 
-APT_PACKAGES=(clang libelf-dev zlib1g-dev libpcap-dev pkg-config m4 iproute2 ethtool nftables iptables curl)
+APT_PACKAGES=(clang libelf-dev zlib1g-dev libpcap-dev pkg-config m4 iproute2 ethtool nftables iptables curl python3)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -16,4 +16,5 @@ pub mod ops;
 
 pub use error::ConfigError;
 pub mod replay;
+pub mod runtime;
 pub mod source;

@@ -54,6 +54,10 @@ enum Command {
     /// Watch manifests (or the Kubernetes API), compile and publish tables on every change,
     /// serve /healthz and /metrics (no packets are processed: the control plane alone).
     Sync(SyncArgs),
+    /// Run the dataplane on this node: AF_XDP workers on the node file's interfaces,
+    /// an XDP program steering service traffic to them, tables from the watched
+    /// manifests. Runs until SIGINT/SIGTERM, then detaches everything.
+    Run(RunArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,6 +108,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Sync(args) => sync(args),
+        Command::Run(args) => run_node(args),
         Command::Replay {
             manifests,
             node,
@@ -279,4 +284,161 @@ fn sync(args: SyncArgs) -> ExitCode {
     drop(kube_source);
     drop(servers);
     ExitCode::SUCCESS
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The node file (interfaces of kind uplink and pod get AF_XDP sockets).
+    #[arg(long)]
+    node: PathBuf,
+    /// Kubernetes manifests: a YAML/JSON file or a directory of them, watched.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// Workers, one per receive queue 0..N (ignored when --queues is given).
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    /// Receive queues to serve, one worker each, e.g. `0,1`.
+    #[arg(long, value_delimiter = ',')]
+    queues: Vec<u32>,
+    /// Cores to pin the workers to, in order, e.g. `1,2` (default: all but core 0).
+    #[arg(long, value_delimiter = ',')]
+    cores: Vec<usize>,
+    /// Extra pod interfaces by name pattern (`*` wildcard), e.g. `veth*`.
+    #[arg(long, value_delimiter = ',')]
+    pod_interfaces: Vec<String>,
+    /// Recompute full TCP/UDP checksums of frames from an interface: auto (veths),
+    /// always, never (every sender has TX checksum offload off).
+    #[arg(long, default_value = "auto")]
+    l4_checksum: kxp_control::runtime::ChecksumMode,
+    /// Masquerade source ports `LO-HI`, split among the workers; keep it outside
+    /// net.ipv4.ip_local_port_range.
+    #[arg(long, default_value = "61000-65535", value_parser = parse_port_range)]
+    snat_ports: (u16, u16),
+    /// Masquerade all service traffic (kube-proxy's masqueradeAll).
+    #[arg(long)]
+    masquerade_all: bool,
+    /// Tracked IPv4 flows per worker.
+    #[arg(long, default_value_t = 1 << 18)]
+    conntrack_capacity: usize,
+    /// UMEM frame size (power of two, >= 2048; 4096 for frames above ~1780 bytes).
+    #[arg(long, default_value_t = 2048)]
+    frame_size: u32,
+    /// Size of every AF_XDP ring (power of two).
+    #[arg(long, default_value_t = 2048)]
+    ring_size: u32,
+    /// How sockets bind: auto, copy or zerocopy.
+    #[arg(long, default_value = "auto")]
+    xdp_bind: String,
+    /// Microseconds a worker keeps polling after its last frame before it sleeps.
+    #[arg(long, default_value_t = 200)]
+    busy_poll_us: u64,
+    /// Longest sleep of an idle worker, in microseconds.
+    #[arg(long, default_value_t = 2000)]
+    idle_sleep_us: u64,
+    /// How often the kernel's neighbour table is re-read, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    neighbour_refresh_ms: u64,
+    /// Print non-zero counters every this many seconds (0: only at exit).
+    #[arg(long, default_value_t = 0)]
+    stats_interval: u64,
+    /// Serve /metrics, /healthz and /livez here.
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Write this file (with the pid) once traffic is steered; removed at exit.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+    /// Create a veth pair NAME / NAME-k routing the service CIDRs through kxp, so that
+    /// the node's own processes reach ClusterIPs (deleted at exit).
+    #[arg(long)]
+    host_veth: Option<String>,
+}
+
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected LO-HI"))?;
+    let lo: u16 = lo.trim().parse().map_err(|e| format!("{lo:?}: {e}"))?;
+    let hi: u16 = hi.trim().parse().map_err(|e| format!("{hi:?}: {e}"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("{s:?}: expected 1 <= LO <= HI"));
+    }
+    Ok((lo, hi))
+}
+
+/// `kxp run`: see `kxp_control::runtime`.
+fn run_node(args: RunArgs) -> ExitCode {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use kxp_control::runtime::{RunConfig, Runtime};
+    use kxp_dataplane::driver::afxdp::{BindMode, IdlePolicy};
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // A second signal exits at once (XDP links die with the process, nothing stays
+        // attached); the first asks for an orderly stop.
+        let registered =
+            signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(&stop))
+                .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&stop)));
+        if let Err(e) = registered {
+            eprintln!("kxp run: cannot handle signal {sig}: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let bind_mode = match args.xdp_bind.as_str() {
+        "auto" => BindMode::Auto,
+        "copy" => BindMode::Copy,
+        "zerocopy" => BindMode::ZeroCopy,
+        other => {
+            eprintln!("kxp run: --xdp-bind {other:?}: expected auto, copy or zerocopy");
+            return ExitCode::from(2);
+        }
+    };
+    let mut cfg = RunConfig::new(&args.node, &args.manifests);
+    cfg.queues = if args.queues.is_empty() {
+        (0..args.workers.max(1)).collect()
+    } else {
+        args.queues
+    };
+    cfg.cores = args.cores;
+    cfg.pod_interfaces = args.pod_interfaces;
+    cfg.checksum = args.l4_checksum;
+    cfg.snat_ports = args.snat_ports;
+    cfg.masquerade_all = args.masquerade_all;
+    cfg.conntrack_capacity = args.conntrack_capacity;
+    cfg.afxdp.frame_size = args.frame_size;
+    cfg.afxdp.ring_size = args.ring_size;
+    cfg.afxdp.frames_per_socket = args.ring_size.saturating_mul(2);
+    cfg.afxdp.bind_mode = bind_mode;
+    cfg.afxdp.idle = IdlePolicy {
+        busy_poll: Duration::from_micros(args.busy_poll_us),
+        max_sleep: Duration::from_micros(args.idle_sleep_us.max(1)),
+    };
+    cfg.neighbour_refresh = Duration::from_millis(args.neighbour_refresh_ms.max(10));
+    cfg.stats_interval =
+        (args.stats_interval > 0).then(|| Duration::from_secs(args.stats_interval));
+    cfg.metrics_addr = args.metrics_addr;
+    cfg.ready_file = args.ready_file;
+    cfg.host_veth = args.host_veth;
+    let mut rt = match Runtime::start(cfg) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kxp run: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = rt.wait(&stop);
+    eprint!("{}", rt.report());
+    drop(rt);
+    match result {
+        Ok(()) => {
+            eprintln!("kxp run: stopped; XDP detached, sockets closed");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kxp run: {e}");
+            ExitCode::from(1)
+        }
+    }
 }

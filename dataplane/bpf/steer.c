@@ -1,0 +1,444 @@
+// SPDX-License-Identifier: (Apache-2.0 OR GPL-2.0-only)
+//
+// kxp's XDP steering program: hands to the AF_XDP socket of the receiving queue only the
+// frames kxp owns, and lets the kernel have everything else (XDP_PASS): ARP and ND,
+// traffic to the node itself, pod-to-pod traffic, anything that is not a service.
+//
+// kxp owns, by destination (for ICMP errors: by the quoted packet, turned around):
+//   1. a service frontend: (address, protocol, port) in `frontends` (ClusterIP,
+//      ExternalIP, LoadBalancer IP, node address + NodePort);
+//   2. any TCP/UDP/SCTP port of a ClusterIP (`vips` flag VIP_ANY_PORT: kxp rejects
+//      unknown ports as kube-proxy does) and any address in a service CIDR
+//      (`service_cidrs`: kxp drops unallocated ones);
+//   3. replies of masqueraded flows: a node address (`node_addrs`) and a destination
+//      port in the SNAT range of the worker that owns this receive queue
+//      (`snat_ranges[rx_queue]`); a port in another worker's range is dropped and
+//      counted (STAT_FOREIGN_QUEUE: the reply came in on a queue whose worker does not
+//      hold the flow, and the kernel must not answer it with a reset);
+//   4. replies of flows kxp translated without masquerading (a pod's connection to a
+//      ClusterIP, external traffic under externalTrafficPolicy Local): the exact reply
+//      tuple in `replies`, which the workers keep in step in batches;
+//   5. fragments addressed to a service address (kxp drops and counts them).
+//
+// Self-contained (no system headers) so that any clang with the BPF target builds it.
+// Compiled by dataplane/build.rs; loaded, filled and attached by
+// dataplane/src/driver/afxdp/steer.rs, which mirrors every layout below.
+
+typedef unsigned char __u8;
+typedef unsigned short __u16;
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+
+#define SEC(name) __attribute__((section(name), used))
+#define __uint(name, val) int(*name)[val]
+#define __type(name, val) typeof(val) *name
+#define __always_inline inline __attribute__((always_inline))
+
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define bpf_htons(x) __builtin_bswap16(x)
+#define bpf_ntohs(x) __builtin_bswap16(x)
+#define bpf_htonl(x) __builtin_bswap32(x)
+#else
+#define bpf_htons(x) (x)
+#define bpf_ntohs(x) (x)
+#define bpf_htonl(x) (x)
+#endif
+
+static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
+static long (*bpf_redirect_map)(void *map, __u64 key, __u64 flags) = (void *)51;
+
+enum { XDP_ABORTED = 0, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT };
+enum {
+	BPF_MAP_TYPE_HASH = 1,
+	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
+	BPF_MAP_TYPE_ARRAY = 2,
+	BPF_MAP_TYPE_LRU_HASH = 9,
+	BPF_MAP_TYPE_LPM_TRIE = 11,
+	BPF_MAP_TYPE_XSKMAP = 17,
+};
+#define BPF_F_NO_PREALLOC 1
+
+struct xdp_md {
+	__u32 data;
+	__u32 data_end;
+	__u32 data_meta;
+	__u32 ingress_ifindex;
+	__u32 rx_queue_index;
+	__u32 egress_ifindex;
+};
+
+// Limits, mirrored in steer.rs.
+#define MAX_QUEUES 64
+#define MAX_IFACE_SLOTS 256
+
+// An address as 16 bytes: IPv6 as is, IPv4 as ::ffff:a.b.c.d.
+struct addr {
+	__u32 w[4];
+};
+
+struct frontend_key {
+	struct addr addr;
+	__u16 port_be;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct tuple_key {
+	struct addr src;
+	struct addr dst;
+	__u16 sport_be;
+	__u16 dport_be;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct lpm_key {
+	__u32 prefixlen;
+	struct addr addr;
+};
+
+// Host byte order, inclusive; hi < lo means "none".
+struct port_range {
+	__u16 lo;
+	__u16 hi;
+};
+
+#define VIP_ANY_PORT 1 // a ClusterIP: every TCP/UDP/SCTP port goes to kxp
+#define VIP_SERVICE 2  // a service address: fragments to it go to kxp
+
+enum stat {
+	STAT_FRAMES,
+	STAT_PASS,
+	STAT_FRONTEND,
+	STAT_SERVICE_CIDR,
+	STAT_SNAT_REPLY,
+	STAT_REPLY,
+	STAT_ICMP_ERROR,
+	STAT_FRAGMENT,
+	STAT_FOREIGN_QUEUE,
+	STAT_NO_SOCKET,
+	STAT_MAX,
+};
+
+// Socket of (interface slot, queue) at slot * MAX_QUEUES + queue.
+struct {
+	__uint(type, BPF_MAP_TYPE_XSKMAP);
+	__uint(max_entries, MAX_IFACE_SLOTS *MAX_QUEUES);
+	__type(key, __u32);
+	__type(value, __u32);
+} xsks SEC(".maps");
+
+// ifindex -> interface slot.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_IFACE_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} if_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct frontend_key);
+	__type(value, __u8);
+} frontends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct addr);
+	__type(value, __u8);
+} vips SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 64);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_key);
+	__type(value, __u8);
+} service_cidrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, struct addr);
+	__type(value, __u8);
+} node_addrs SEC(".maps");
+
+// Index MAX_QUEUES: the whole SNAT range (every worker's share).
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_QUEUES + 1);
+	__type(key, __u32);
+	__type(value, struct port_range);
+} snat_ranges SEC(".maps");
+
+// Reply tuples of flows kxp translated without masquerading; value: owning queue.
+// LRU: a full map evicts the stalest tuple rather than refusing a new flow's.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct tuple_key);
+	__type(value, __u32);
+} replies SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+static __always_inline void count(__u32 which)
+{
+	__u64 *c = bpf_map_lookup_elem(&stats, &which);
+	if (c)
+		*c += 1;
+}
+
+static __always_inline void addr_v4(struct addr *a, __u32 be)
+{
+	a->w[0] = 0;
+	a->w[1] = 0;
+	a->w[2] = bpf_htonl(0x0000ffff);
+	a->w[3] = be;
+}
+
+static __always_inline void addr_v6(struct addr *a, const __u8 *p)
+{
+	__builtin_memcpy(a, p, 16);
+}
+
+#define ETH_P_IP 0x0800
+#define ETH_P_IPV6 0x86DD
+#define ETH_P_8021Q 0x8100
+#define ETH_P_8021AD 0x88A8
+#define IPPROTO_ICMP 1
+#define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define IPPROTO_ICMPV6 58
+#define IPPROTO_SCTP 132
+
+static __always_inline int is_transport(__u8 p)
+{
+	return p == IPPROTO_TCP || p == IPPROTO_UDP || p == IPPROTO_SCTP;
+}
+
+static __always_inline int is_service_addr(const struct addr *dst, __u8 flag)
+{
+	__u8 *v = bpf_map_lookup_elem(&vips, dst);
+	if (v && (*v & flag))
+		return 1;
+	struct lpm_key k = { .prefixlen = 128, .addr = *dst };
+	return bpf_map_lookup_elem(&service_cidrs, &k) != 0;
+}
+
+// Why a tuple belongs to kxp (a STAT_*), 0 if it does not, or STAT_FOREIGN_QUEUE.
+static __always_inline __u32 owner(struct tuple_key *t, __u32 queue)
+{
+	struct frontend_key fk = { .addr = t->dst, .port_be = t->dport_be, .proto = t->proto };
+	if (bpf_map_lookup_elem(&frontends, &fk))
+		return STAT_FRONTEND;
+	if (is_service_addr(&t->dst, VIP_ANY_PORT))
+		return STAT_SERVICE_CIDR;
+	if (bpf_map_lookup_elem(&node_addrs, &t->dst)) {
+		__u16 port = bpf_ntohs(t->dport_be);
+		__u32 all = MAX_QUEUES;
+		struct port_range *r = bpf_map_lookup_elem(&snat_ranges, &all);
+		if (r && port >= r->lo && port <= r->hi) {
+			struct port_range *mine = bpf_map_lookup_elem(&snat_ranges, &queue);
+			if (mine && port >= mine->lo && port <= mine->hi)
+				return STAT_SNAT_REPLY;
+			return STAT_FOREIGN_QUEUE;
+		}
+	}
+	if (bpf_map_lookup_elem(&replies, t))
+		return STAT_REPLY;
+	return 0;
+}
+
+// Reads the ports of a TCP/UDP/SCTP header at `l4` into `t`; 0 if they are not there.
+static __always_inline int ports(struct tuple_key *t, void *l4, void *end)
+{
+	__u16 *p = l4;
+	if ((void *)(p + 2) > end)
+		return 0;
+	t->sport_be = p[0];
+	t->dport_be = p[1];
+	return 1;
+}
+
+// The packet an ICMP error quotes, turned around so that it reads like a packet of the
+// same flow travelling the same way as the error. 0 if it cannot be read.
+static __always_inline int quoted_v4(struct tuple_key *t, void *inner, void *end)
+{
+	__u8 *ip = inner;
+	if ((void *)(ip + 20) > end)
+		return 0;
+	__u8 ihl = ip[0] & 0x0f;
+	if ((ip[0] >> 4) != 4 || ihl < 5)
+		return 0;
+	if (!is_transport(ip[9]))
+		return 0;
+	struct tuple_key q = {};
+	if (!ports(&q, ip + ihl * 4, end))
+		return 0;
+	addr_v4(&t->src, *(__u32 *)(ip + 16));
+	addr_v4(&t->dst, *(__u32 *)(ip + 12));
+	t->sport_be = q.dport_be;
+	t->dport_be = q.sport_be;
+	t->proto = ip[9];
+	return 1;
+}
+
+static __always_inline int quoted_v6(struct tuple_key *t, void *inner, void *end)
+{
+	__u8 *ip = inner;
+	if ((void *)(ip + 40) > end)
+		return 0;
+	if ((ip[0] >> 4) != 6 || !is_transport(ip[6]))
+		return 0;
+	struct tuple_key q = {};
+	if (!ports(&q, ip + 40, end))
+		return 0;
+	addr_v6(&t->src, ip + 24);
+	addr_v6(&t->dst, ip + 8);
+	t->sport_be = q.dport_be;
+	t->dport_be = q.sport_be;
+	t->proto = ip[6];
+	return 1;
+}
+
+static __always_inline int redirect(struct xdp_md *ctx, __u32 why)
+{
+	if (why == STAT_FOREIGN_QUEUE) {
+		count(STAT_FOREIGN_QUEUE);
+		return XDP_DROP;
+	}
+	count(why);
+	__u32 ifindex = ctx->ingress_ifindex;
+	__u32 *slot = bpf_map_lookup_elem(&if_slots, &ifindex);
+	__u32 queue = ctx->rx_queue_index;
+	if (!slot || queue >= MAX_QUEUES) {
+		count(STAT_NO_SOCKET);
+		return XDP_PASS;
+	}
+	long r = bpf_redirect_map(&xsks, *slot * MAX_QUEUES + queue, XDP_PASS);
+	if (r != XDP_REDIRECT)
+		count(STAT_NO_SOCKET);
+	return r;
+}
+
+SEC("xdp")
+int kxp_steer(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	__u32 queue = ctx->rx_queue_index;
+	count(STAT_FRAMES);
+
+	__u8 *eth = data;
+	if ((void *)(eth + 14) > end)
+		goto pass;
+	__u16 type = *(__u16 *)(eth + 12);
+	void *l3 = eth + 14;
+	if (type == bpf_htons(ETH_P_8021Q) || type == bpf_htons(ETH_P_8021AD)) {
+		if (l3 + 4 > end)
+			goto pass;
+		type = *(__u16 *)(eth + 16);
+		l3 = eth + 18;
+	}
+
+	struct tuple_key t = {};
+	void *l4;
+	int icmp_error = 0;
+	if (type == bpf_htons(ETH_P_IP)) {
+		__u8 *ip = l3;
+		if ((void *)(ip + 20) > end)
+			goto pass;
+		__u8 ihl = ip[0] & 0x0f;
+		if (ihl < 5)
+			goto pass;
+		addr_v4(&t.src, *(__u32 *)(ip + 12));
+		addr_v4(&t.dst, *(__u32 *)(ip + 16));
+		t.proto = ip[9];
+		// More fragments, or an offset: no transport header to go by.
+		if (*(__u16 *)(ip + 6) & bpf_htons(0x3fff)) {
+			if (is_service_addr(&t.dst, VIP_SERVICE | VIP_ANY_PORT))
+				return redirect(ctx, STAT_FRAGMENT);
+			goto pass;
+		}
+		l4 = ip + ihl * 4;
+		if (t.proto == IPPROTO_ICMP) {
+			__u8 *icmp = l4;
+			if ((void *)(icmp + 8) > end)
+				goto pass;
+			// Destination unreachable, time exceeded, parameter problem.
+			if (icmp[0] != 3 && icmp[0] != 11 && icmp[0] != 12)
+				goto pass;
+			if (!quoted_v4(&t, icmp + 8, end))
+				goto pass;
+			icmp_error = 1;
+		}
+	} else if (type == bpf_htons(ETH_P_IPV6)) {
+		__u8 *ip = l3;
+		if ((void *)(ip + 40) > end)
+			goto pass;
+		addr_v6(&t.src, ip + 8);
+		addr_v6(&t.dst, ip + 24);
+		__u8 next = ip[6];
+		__u8 *h = ip + 40;
+		// Hop-by-hop, routing, destination options and fragment headers, a few deep.
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			if (next == 0 || next == 43 || next == 60) {
+				if ((void *)(h + 8) > end)
+					goto pass;
+				next = h[0];
+				h += (h[1] + 1) * 8;
+			} else if (next == 44) {
+				if ((void *)(h + 8) > end)
+					goto pass;
+				// Offset or more fragments: a real fragment.
+				if (*(__u16 *)(h + 2) & bpf_htons(0xfff9)) {
+					if (is_service_addr(&t.dst, VIP_SERVICE | VIP_ANY_PORT))
+						return redirect(ctx, STAT_FRAGMENT);
+					goto pass;
+				}
+				next = h[0];
+				h += 8;
+			}
+		}
+		t.proto = next;
+		l4 = h;
+		if (t.proto == IPPROTO_ICMPV6) {
+			__u8 *icmp = l4;
+			if ((void *)(icmp + 8) > end)
+				goto pass;
+			// Destination unreachable, packet too big, time exceeded, parameter problem.
+			if (icmp[0] < 1 || icmp[0] > 4)
+				goto pass;
+			if (!quoted_v6(&t, icmp + 8, end))
+				goto pass;
+			icmp_error = 1;
+		}
+	} else {
+		goto pass;
+	}
+
+	if (!icmp_error) {
+		if (!is_transport(t.proto) || !ports(&t, l4, end))
+			goto pass;
+	}
+	__u32 why = owner(&t, queue);
+	if (why) {
+		if (icmp_error && why != STAT_FOREIGN_QUEUE)
+			count(STAT_ICMP_ERROR);
+		return redirect(ctx, why);
+	}
+pass:
+	count(STAT_PASS);
+	return XDP_PASS;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,792 @@
+//! The user side of the XDP steering program (`dataplane/bpf/steer.c`): load it, keep its
+//! maps in step with the published tables, attach it to interfaces and detach it again,
+//! clean up after a crashed run, and read its counters.
+//!
+//! The program is attached through a BPF link (`bpf_program__attach_xdp`): the kernel
+//! detaches it when the link is destroyed *or when the process dies*, so even a SIGKILLed
+//! `kxp run` leaves no program behind. An older program attached the legacy (netlink) way
+//! under kxp's name is detached at start ([`Steering::clear_stale`]); a program of another
+//! name is left alone and reported.
+//!
+//! Map layouts mirror `steer.c` byte for byte; addresses are 16 bytes (IPv4 as
+//! `::ffff:a.b.c.d`) and ports are in network byte order, as the program reads them off
+//! the wire.
+
+use core::net::IpAddr;
+use std::collections::{HashMap, HashSet};
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+
+use libbpf_sys as bpf;
+
+use crate::flow::FlowKey;
+use crate::pipeline::Tables;
+use crate::tables::FrontendKind;
+
+/// The program's name as the kernel reports it (`bpftool prog`, `ip link`).
+pub const PROGRAM_NAME: &str = "kxp_steer";
+/// Receive queues per interface the program can steer (`MAX_QUEUES` in steer.c).
+pub const MAX_QUEUES: u32 = 64;
+/// Interfaces the program can steer (`MAX_IFACE_SLOTS` in steer.c).
+pub const MAX_IFACE_SLOTS: u32 = 256;
+
+/// The compiled program, built by `dataplane/build.rs`.
+static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/steer.o"));
+
+const VIP_ANY_PORT: u8 = 1;
+const VIP_SERVICE: u8 = 2;
+
+/// The program's counters, in `enum stat` order.
+pub const STAT_NAMES: [&str; 10] = [
+    "frames",
+    "pass",
+    "redirect_frontend",
+    "redirect_service_address",
+    "redirect_snat_reply",
+    "redirect_reply",
+    "redirect_icmp_error",
+    "redirect_fragment",
+    "drop_foreign_queue",
+    "pass_no_socket",
+];
+
+/// Something about the steering program failed.
+#[derive(Debug)]
+pub enum SteerError {
+    /// libbpf could not open or load the embedded object (verifier log on stderr).
+    Load(&'static str, io::Error),
+    /// A map or program the object must have is missing.
+    Missing(&'static str),
+    /// A map operation failed.
+    Map(&'static str, io::Error),
+    /// Attaching to or detaching from an interface failed.
+    Attach { iface: String, err: io::Error },
+    /// Another XDP program (not kxp's) is attached to an interface kxp was told to use.
+    Foreign {
+        iface: String,
+        name: String,
+        id: u32,
+    },
+    /// kxp's program is attached to the interface through a link another process holds:
+    /// another `kxp run` is using it.
+    Busy { iface: String, id: u32 },
+    /// Too many interfaces or queues for the program's maps.
+    Limit(String),
+}
+
+impl core::fmt::Display for SteerError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Load(what, e) => write!(f, "XDP steering program: {what}: {e}"),
+            Self::Missing(what) => write!(f, "XDP steering program has no {what}"),
+            Self::Map(map, e) => write!(f, "XDP steering map {map}: {e}"),
+            Self::Attach { iface, err } => write!(f, "XDP on {iface}: {err}"),
+            Self::Foreign { iface, name, id } => write!(
+                f,
+                "{iface} already runs XDP program {name:?} (id {id}), which is not kxp's; \
+                 detach it (ip link set dev {iface} xdp off) or leave {iface} out"
+            ),
+            Self::Busy { iface, id } => write!(
+                f,
+                "kxp's XDP program (id {id}) is attached to {iface} by a live link: \
+                 another kxp run seems to be using {iface}"
+            ),
+            Self::Limit(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for SteerError {}
+
+/// 16-byte form of an address, as the program keys it.
+pub fn addr16(a: &IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// `struct frontend_key`.
+fn frontend_key(addr: &IpAddr, proto: u8, port: u16) -> [u8; 20] {
+    let mut k = [0u8; 20];
+    k[..16].copy_from_slice(&addr16(addr));
+    k[16..18].copy_from_slice(&port.to_be_bytes());
+    k[18] = proto;
+    k
+}
+
+/// `struct lpm_key`: prefix length in host order, then the address.
+fn lpm_key(net: &ipnet::IpNet) -> [u8; 20] {
+    let plen = match net {
+        ipnet::IpNet::V4(n) => 96 + n.prefix_len() as u32,
+        ipnet::IpNet::V6(n) => n.prefix_len() as u32,
+    };
+    let mut k = [0u8; 20];
+    k[..4].copy_from_slice(&plen.to_ne_bytes());
+    k[4..].copy_from_slice(&addr16(&net.network()));
+    k
+}
+
+/// `struct tuple_key`: a flow's 5-tuple as the program reads it.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct TupleKey {
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport_be: [u8; 2],
+    dport_be: [u8; 2],
+    proto: u8,
+    pad: [u8; 3],
+}
+
+impl TupleKey {
+    pub fn of(k: &FlowKey) -> Self {
+        Self {
+            src: addr16(&k.src),
+            dst: addr16(&k.dst),
+            sport_be: k.sport.to_be_bytes(),
+            dport_be: k.dport.to_be_bytes(),
+            proto: k.proto as u8,
+            pad: [0; 3],
+        }
+    }
+}
+
+/// `struct port_range`, host byte order, inclusive.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct PortRange {
+    lo: u16,
+    hi: u16,
+}
+
+/// What the maps should hold for one table generation (except sockets, SNAT ranges and
+/// reply tuples, which the runtime and the workers set).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    frontends: HashSet<[u8; 20]>,
+    vips: HashMap<[u8; 16], u8>,
+    cidrs: HashSet<[u8; 20]>,
+    node_addrs: HashSet<[u8; 16]>,
+}
+
+impl Desired {
+    /// The map contents `tables` call for.
+    pub fn of(tables: &Tables) -> Self {
+        let mut d = Self::default();
+        for (k, fe) in tables.services.frontends() {
+            d.frontends
+                .insert(frontend_key(&k.addr, k.proto as u8, k.port));
+            let flags = match fe.kind {
+                FrontendKind::ClusterIp => VIP_ANY_PORT | VIP_SERVICE,
+                FrontendKind::ExternalIp | FrontendKind::LoadBalancer => VIP_SERVICE,
+                FrontendKind::NodePort => 0,
+            };
+            if flags != 0 {
+                *d.vips.entry(addr16(&k.addr)).or_default() |= flags;
+            }
+        }
+        d.cidrs = tables.node.service_cidrs.iter().map(lpm_key).collect();
+        d.node_addrs = tables.node.addresses.iter().map(addr16).collect();
+        d
+    }
+
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+}
+
+/// Map file descriptors (owned by the loaded object).
+#[derive(Debug, Clone, Copy)]
+struct Maps {
+    xsks: RawFd,
+    if_slots: RawFd,
+    frontends: RawFd,
+    vips: RawFd,
+    service_cidrs: RawFd,
+    node_addrs: RawFd,
+    snat_ranges: RawFd,
+    replies: RawFd,
+    stats: RawFd,
+}
+
+#[derive(Debug)]
+struct Attached {
+    iface: String,
+    link: NonNull<bpf::bpf_link>,
+}
+
+/// The loaded steering program and its maps. Dropping it detaches the program from every
+/// interface it was attached to, then unloads it.
+#[derive(Debug)]
+pub struct Steering {
+    obj: NonNull<bpf::bpf_object>,
+    prog: NonNull<bpf::bpf_program>,
+    maps: Maps,
+    attached: Vec<Attached>,
+    installed: Desired,
+}
+
+fn last_err() -> io::Error {
+    io::Error::last_os_error()
+}
+
+fn neg_err(rc: i32) -> io::Error {
+    io::Error::from_raw_os_error(rc.unsigned_abs() as i32)
+}
+
+fn update(fd: RawFd, map: &'static str, key: &[u8], value: &[u8]) -> Result<(), SteerError> {
+    // SAFETY: key and value point to live buffers of the map's key and value sizes (the
+    // layouts above mirror steer.c); the kernel copies them before returning.
+    let rc = unsafe {
+        bpf::bpf_map_update_elem(
+            fd,
+            key.as_ptr().cast(),
+            value.as_ptr().cast(),
+            bpf::BPF_ANY as u64,
+        )
+    };
+    if rc < 0 {
+        return Err(SteerError::Map(map, neg_err(rc)));
+    }
+    Ok(())
+}
+
+fn delete(fd: RawFd, map: &'static str, key: &[u8]) -> Result<(), SteerError> {
+    // SAFETY: key points to a live buffer of the map's key size.
+    let rc = unsafe { bpf::bpf_map_delete_elem(fd, key.as_ptr().cast()) };
+    if rc < 0 && neg_err(rc).raw_os_error() != Some(libc::ENOENT) {
+        return Err(SteerError::Map(map, neg_err(rc)));
+    }
+    Ok(())
+}
+
+fn as_bytes<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: T is a plain-old-data `repr(C)` or integer type without padding that the
+    // kernel reads (every type passed here: u8, u32, PortRange, TupleKey); the slice
+    // covers exactly its bytes and lives as long as the borrow.
+    unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+impl Steering {
+    /// Loads the embedded program into the kernel (verifier included). Nothing is attached.
+    pub fn load() -> Result<Self, SteerError> {
+        // SAFETY: OBJECT is a static ELF image that outlives the object; libbpf copies
+        // what it keeps. Null options are allowed.
+        let obj = unsafe {
+            bpf::bpf_object__open_mem(OBJECT.as_ptr().cast(), OBJECT.len() as _, core::ptr::null())
+        };
+        let obj = NonNull::new(obj).ok_or_else(|| SteerError::Load("open", last_err()))?;
+        let mut me = Self {
+            obj,
+            prog: NonNull::dangling(),
+            maps: Maps {
+                xsks: -1,
+                if_slots: -1,
+                frontends: -1,
+                vips: -1,
+                service_cidrs: -1,
+                node_addrs: -1,
+                snat_ranges: -1,
+                replies: -1,
+                stats: -1,
+            },
+            attached: Vec::new(),
+            installed: Desired::default(),
+        };
+        // SAFETY: obj is a valid, opened object (closed by Drop on every path).
+        let rc = unsafe { bpf::bpf_object__load(me.obj.as_ptr()) };
+        if rc < 0 {
+            return Err(SteerError::Load(
+                "load (see the verifier log above)",
+                neg_err(rc),
+            ));
+        }
+        // SAFETY: valid object; the name is a NUL-terminated literal.
+        let prog = unsafe {
+            bpf::bpf_object__find_program_by_name(me.obj.as_ptr(), c"kxp_steer".as_ptr())
+        };
+        me.prog = NonNull::new(prog).ok_or(SteerError::Missing("program kxp_steer"))?;
+        let map = |name: &'static CStr| -> Result<RawFd, SteerError> {
+            // SAFETY: valid loaded object; NUL-terminated name.
+            let fd =
+                unsafe { bpf::bpf_object__find_map_fd_by_name(me.obj.as_ptr(), name.as_ptr()) };
+            if fd < 0 {
+                return Err(SteerError::Missing("a map"));
+            }
+            Ok(fd)
+        };
+        me.maps = Maps {
+            xsks: map(c"xsks")?,
+            if_slots: map(c"if_slots")?,
+            frontends: map(c"frontends")?,
+            vips: map(c"vips")?,
+            service_cidrs: map(c"service_cidrs")?,
+            node_addrs: map(c"node_addrs")?,
+            snat_ranges: map(c"snat_ranges")?,
+            replies: map(c"replies")?,
+            stats: map(c"stats")?,
+        };
+        Ok(me)
+    }
+
+    /// Detaches kxp's program from `ifindex` if a previous run left it attached the legacy
+    /// way. Errors if another program is attached there, or kxp's is held by a live link
+    /// (another kxp). Returns whether something was detached.
+    pub fn clear_stale(iface: &str, ifindex: u32) -> Result<bool, SteerError> {
+        let mut id = 0u32;
+        // SAFETY: id is a valid out-pointer.
+        let rc = unsafe { bpf::bpf_xdp_query_id(ifindex as i32, 0, &mut id) };
+        if rc < 0 {
+            return Err(SteerError::Attach {
+                iface: iface.into(),
+                err: neg_err(rc),
+            });
+        }
+        if id == 0 {
+            return Ok(false);
+        }
+        let name = program_name(id).unwrap_or_default();
+        if name != PROGRAM_NAME {
+            return Err(SteerError::Foreign {
+                iface: iface.into(),
+                name,
+                id,
+            });
+        }
+        // SAFETY: null options are allowed; flags 0 detaches whatever mode is attached.
+        let rc = unsafe { bpf::bpf_xdp_detach(ifindex as i32, 0, core::ptr::null()) };
+        if rc < 0 {
+            return Err(SteerError::Busy {
+                iface: iface.into(),
+                id,
+            });
+        }
+        Ok(true)
+    }
+
+    /// Gives interface `ifindex` the socket slot `slot` (its interface id).
+    pub fn set_interface_slot(&mut self, ifindex: u32, slot: u32) -> Result<(), SteerError> {
+        if slot >= MAX_IFACE_SLOTS {
+            return Err(SteerError::Limit(format!(
+                "at most {MAX_IFACE_SLOTS} interfaces can be steered"
+            )));
+        }
+        update(
+            self.maps.if_slots,
+            "if_slots",
+            as_bytes(&ifindex),
+            as_bytes(&slot),
+        )
+    }
+
+    /// Registers the AF_XDP socket bound to (interface `slot`, `queue`).
+    pub fn set_socket(&mut self, slot: u32, queue: u32, fd: RawFd) -> Result<(), SteerError> {
+        if queue >= MAX_QUEUES || slot >= MAX_IFACE_SLOTS {
+            return Err(SteerError::Limit(format!(
+                "queue {queue} of interface slot {slot} is beyond the steering maps \
+                 ({MAX_QUEUES} queues, {MAX_IFACE_SLOTS} interfaces)"
+            )));
+        }
+        let key = slot * MAX_QUEUES + queue;
+        let fd = fd as u32;
+        update(self.maps.xsks, "xsks", as_bytes(&key), as_bytes(&fd))
+    }
+
+    /// Sets the SNAT port range of the worker on `queue` (replies to a node address on one
+    /// of these ports go to that queue's socket) and the whole range (`all`).
+    pub fn set_snat_ranges(
+        &mut self,
+        per_queue: &[(u32, (u16, u16))],
+        all: (u16, u16),
+    ) -> Result<(), SteerError> {
+        let none = PortRange { lo: 1, hi: 0 };
+        for q in 0..MAX_QUEUES {
+            let r = per_queue
+                .iter()
+                .find(|(queue, _)| *queue == q)
+                .map_or(none, |(_, (lo, hi))| PortRange { lo: *lo, hi: *hi });
+            update(
+                self.maps.snat_ranges,
+                "snat_ranges",
+                as_bytes(&q),
+                as_bytes(&r),
+            )?;
+        }
+        let r = PortRange {
+            lo: all.0,
+            hi: all.1,
+        };
+        update(
+            self.maps.snat_ranges,
+            "snat_ranges",
+            as_bytes(&MAX_QUEUES),
+            as_bytes(&r),
+        )
+    }
+
+    /// Brings the frontend, VIP, service-CIDR and node-address maps in step with `tables`.
+    /// Returns how many entries changed.
+    pub fn sync(&mut self, tables: &Tables) -> Result<usize, SteerError> {
+        let want = Desired::of(tables);
+        if want == self.installed {
+            return Ok(0);
+        }
+        let m = self.maps;
+        let mut changed = 0;
+        let one = 1u8;
+        for k in self.installed.frontends.difference(&want.frontends) {
+            delete(m.frontends, "frontends", k)?;
+            changed += 1;
+        }
+        for k in want.frontends.difference(&self.installed.frontends) {
+            update(m.frontends, "frontends", k, as_bytes(&one))?;
+            changed += 1;
+        }
+        for k in self.installed.vips.keys() {
+            if !want.vips.contains_key(k) {
+                delete(m.vips, "vips", k)?;
+                changed += 1;
+            }
+        }
+        for (k, v) in &want.vips {
+            if self.installed.vips.get(k) != Some(v) {
+                update(m.vips, "vips", k, as_bytes(v))?;
+                changed += 1;
+            }
+        }
+        for k in self.installed.cidrs.difference(&want.cidrs) {
+            delete(m.service_cidrs, "service_cidrs", k)?;
+            changed += 1;
+        }
+        for k in want.cidrs.difference(&self.installed.cidrs) {
+            update(m.service_cidrs, "service_cidrs", k, as_bytes(&one))?;
+            changed += 1;
+        }
+        for k in self.installed.node_addrs.difference(&want.node_addrs) {
+            delete(m.node_addrs, "node_addrs", k)?;
+            changed += 1;
+        }
+        for k in want.node_addrs.difference(&self.installed.node_addrs) {
+            update(m.node_addrs, "node_addrs", k, as_bytes(&one))?;
+            changed += 1;
+        }
+        self.installed = want;
+        Ok(changed)
+    }
+
+    /// Attaches the program to `ifindex` through a BPF link (native XDP where the driver
+    /// has it, generic otherwise).
+    pub fn attach(&mut self, iface: &str, ifindex: u32) -> Result<(), SteerError> {
+        // SAFETY: prog belongs to the loaded object, which outlives the link (Drop destroys
+        // links first).
+        let link = unsafe { bpf::bpf_program__attach_xdp(self.prog.as_ptr(), ifindex as i32) };
+        let link = NonNull::new(link).ok_or_else(|| SteerError::Attach {
+            iface: iface.into(),
+            err: last_err(),
+        })?;
+        self.attached.push(Attached {
+            iface: iface.into(),
+            link,
+        });
+        Ok(())
+    }
+
+    /// Detaches the program from every interface (the kernel handles them again).
+    pub fn detach_all(&mut self) {
+        for a in self.attached.drain(..) {
+            // SAFETY: the link was created by attach and is destroyed exactly once here.
+            let rc = unsafe { bpf::bpf_link__destroy(a.link.as_ptr()) };
+            if rc < 0 {
+                eprintln!("kxp: detaching XDP from {}: {}", a.iface, neg_err(rc));
+            }
+        }
+    }
+
+    /// Interfaces the program is attached to.
+    pub fn attached(&self) -> impl Iterator<Item = &str> {
+        self.attached.iter().map(|a| a.iface.as_str())
+    }
+
+    /// A handle on the reply-tuple map for one worker.
+    pub fn reply_map(&self) -> Result<ReplyMap, SteerError> {
+        // SAFETY: the fd is open for as long as the object is loaded, and is only borrowed
+        // here to duplicate it.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.maps.replies) }
+            .try_clone_to_owned()
+            .map_err(|e| SteerError::Map("replies", e))?;
+        Ok(ReplyMap { fd })
+    }
+
+    /// The program's counters, summed over CPUs, in [`STAT_NAMES`] order.
+    pub fn stats(&self) -> Result<[u64; STAT_NAMES.len()], SteerError> {
+        // SAFETY: no arguments; returns a count or a negative error.
+        let cpus = unsafe { bpf::libbpf_num_possible_cpus() };
+        if cpus <= 0 {
+            return Err(SteerError::Map("stats", neg_err(cpus)));
+        }
+        let mut out = [0u64; STAT_NAMES.len()];
+        let mut per_cpu = vec![0u64; cpus as usize];
+        for (i, o) in out.iter_mut().enumerate() {
+            let key = i as u32;
+            // SAFETY: a per-CPU array lookup writes one u64 per possible CPU into a buffer
+            // that has exactly that many.
+            let rc = unsafe {
+                bpf::bpf_map_lookup_elem(
+                    self.maps.stats,
+                    as_bytes(&key).as_ptr().cast(),
+                    per_cpu.as_mut_ptr().cast(),
+                )
+            };
+            if rc < 0 {
+                return Err(SteerError::Map("stats", neg_err(rc)));
+            }
+            *o = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Number of reply tuples currently in the map (a full walk: for tests and reports).
+    pub fn reply_count(&self) -> usize {
+        let mut n = 0;
+        let mut key = TupleKey::default();
+        let mut next = TupleKey::default();
+        let mut first = true;
+        loop {
+            // SAFETY: key/next are TupleKey-sized buffers; a null key starts the walk.
+            let rc = unsafe {
+                bpf::bpf_map_get_next_key(
+                    self.maps.replies,
+                    if first {
+                        core::ptr::null()
+                    } else {
+                        (&key as *const TupleKey).cast()
+                    },
+                    (&mut next as *mut TupleKey).cast(),
+                )
+            };
+            if rc < 0 || n > 1 << 24 {
+                return n;
+            }
+            first = false;
+            key = next;
+            n += 1;
+        }
+    }
+}
+
+impl Drop for Steering {
+    fn drop(&mut self) {
+        self.detach_all();
+        // SAFETY: the object was opened by load and is closed exactly once, after every
+        // link that used its program is gone.
+        unsafe { bpf::bpf_object__close(self.obj.as_ptr()) };
+    }
+}
+
+/// The name of the BPF program with id `id`.
+fn program_name(id: u32) -> Option<String> {
+    // SAFETY: plain syscall wrapper; returns an fd we own, or a negative error.
+    let fd = unsafe { bpf::bpf_prog_get_fd_by_id(id) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd was just returned to us, is open, and nothing else owns it.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut info = bpf::bpf_prog_info::default();
+    let mut len = size_of::<bpf::bpf_prog_info>() as u32;
+    // SAFETY: info is a zeroed bpf_prog_info of `len` bytes (its pointer fields are 0, so
+    // the kernel fills in nothing through them).
+    let rc = unsafe { bpf::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
+    if rc < 0 {
+        return None;
+    }
+    let bytes: Vec<u8> = info
+        .name
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// A worker's handle on the reply-tuple map: batched inserts and deletes.
+#[derive(Debug)]
+pub struct ReplyMap {
+    fd: OwnedFd,
+}
+
+impl ReplyMap {
+    /// Inserts `keys` (all owned by `queue`) in one system call. Returns how many made it.
+    pub fn insert_batch(&self, keys: &[TupleKey], values: &[u32]) -> Result<usize, io::Error> {
+        debug_assert_eq!(keys.len(), values.len());
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut count = keys.len() as u32;
+        // SAFETY: keys and values are arrays of `count` TupleKey / u32 elements, the map's
+        // key and value types; null options are allowed.
+        let rc = unsafe {
+            bpf::bpf_map_update_batch(
+                self.fd.as_raw_fd(),
+                keys.as_ptr().cast(),
+                values.as_ptr().cast(),
+                &mut count,
+                core::ptr::null(),
+            )
+        };
+        if rc < 0 {
+            return Err(neg_err(rc));
+        }
+        Ok(count as usize)
+    }
+
+    /// Deletes `keys` in one system call (missing keys are not an error). Returns how many
+    /// were deleted.
+    pub fn delete_batch(&self, keys: &[TupleKey]) -> Result<usize, io::Error> {
+        let mut done = 0;
+        let mut rest = keys;
+        // A missing key stops a batch delete with ENOENT: skip it and go on, boundedly.
+        for _ in 0..keys.len() + 1 {
+            if rest.is_empty() {
+                break;
+            }
+            let mut count = rest.len() as u32;
+            // SAFETY: rest is an array of `count` TupleKeys; null options are allowed.
+            let rc = unsafe {
+                bpf::bpf_map_delete_batch(
+                    self.fd.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    &mut count,
+                    core::ptr::null(),
+                )
+            };
+            done += count as usize;
+            if rc >= 0 {
+                break;
+            }
+            if neg_err(rc).raw_os_error() != Some(libc::ENOENT) {
+                return Err(neg_err(rc));
+            }
+            rest = &rest[(count as usize + 1).min(rest.len())..];
+        }
+        Ok(done)
+    }
+
+    /// Whether `key` is in the map (tests and diagnostics).
+    pub fn contains(&self, key: &TupleKey) -> bool {
+        let mut v = 0u32;
+        // SAFETY: key is a TupleKey, v a u32: the map's key and value types.
+        let rc = unsafe {
+            bpf::bpf_map_lookup_elem(
+                self.fd.as_raw_fd(),
+                (key as *const TupleKey).cast(),
+                (&mut v as *mut u32).cast(),
+            )
+        };
+        rc == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::L4Proto;
+    use crate::tables::{Frontend, FrontendKey, NodeTable, ServicePortId, ServiceTable};
+    use std::sync::Arc;
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// Loads the program (the kernel's verifier must accept it) and exercises the maps.
+    /// Attaches nothing.
+    #[test]
+    fn program_passes_the_verifier_and_maps_work() {
+        if !is_root() {
+            eprintln!("skipped: loading BPF programs needs root");
+            return;
+        }
+        let mut s = Steering::load().expect("load");
+        s.set_snat_ranges(&[(0, (61000, 63000))], (61000, 65535))
+            .unwrap();
+        let map = s.reply_map().unwrap();
+        let key = |p| {
+            TupleKey::of(&FlowKey {
+                src: "10.244.1.3".parse().unwrap(),
+                dst: "10.244.1.2".parse().unwrap(),
+                sport: 8080,
+                dport: p,
+                proto: crate::flow::L4Proto::Tcp,
+            })
+        };
+        let keys = [key(1000), key(1001), key(1002)];
+        assert_eq!(map.insert_batch(&keys, &[0, 0, 0]).unwrap(), 3);
+        assert!(map.contains(&keys[1]));
+        assert_eq!(s.reply_count(), 3);
+        // A missing key in the middle does not stop the batch.
+        assert_eq!(map.delete_batch(&[keys[0], key(9), keys[2]]).unwrap(), 2);
+        assert!(!map.contains(&keys[0]) && map.contains(&keys[1]));
+        let stats = s.stats().unwrap();
+        assert_eq!(stats.len(), STAT_NAMES.len());
+    }
+
+    #[test]
+    fn layouts_match_steer_c() {
+        assert_eq!(size_of::<TupleKey>(), 40);
+        assert_eq!(size_of::<PortRange>(), 4);
+        let k = frontend_key(&"10.96.0.10".parse().unwrap(), 6, 80);
+        assert_eq!(
+            &k[..16],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 10]
+        );
+        assert_eq!(&k[16..], &[0, 80, 6, 0]);
+        let l = lpm_key(&"10.96.0.0/16".parse().unwrap());
+        assert_eq!(u32::from_ne_bytes(l[..4].try_into().unwrap()), 112);
+    }
+
+    #[test]
+    fn desired_maps_follow_the_tables() {
+        let mut services = ServiceTable::new();
+        let fe = |kind| Frontend {
+            kind,
+            service_port: ServicePortId(0),
+        };
+        let cip: IpAddr = "10.96.0.10".parse().unwrap();
+        let node: IpAddr = "192.168.50.2".parse().unwrap();
+        let lb: IpAddr = "203.0.113.7".parse().unwrap();
+        for (addr, port, kind) in [
+            (cip, 80, FrontendKind::ClusterIp),
+            (node, 30080, FrontendKind::NodePort),
+            (lb, 80, FrontendKind::LoadBalancer),
+        ] {
+            services
+                .add_frontend(
+                    FrontendKey {
+                        addr,
+                        proto: L4Proto::Tcp,
+                        port,
+                    },
+                    fe(kind),
+                )
+                .unwrap();
+        }
+        let mut n = NodeTable::new("n");
+        n.addresses.push(node);
+        n.service_cidrs.push("10.96.0.0/16".parse().unwrap());
+        let t = Tables {
+            services: Arc::new(services),
+            node: Arc::new(n),
+        };
+        let d = Desired::of(&t);
+        assert_eq!(d.frontend_count(), 3);
+        assert_eq!(d.vips[&addr16(&cip)], VIP_ANY_PORT | VIP_SERVICE);
+        assert_eq!(d.vips[&addr16(&lb)], VIP_SERVICE);
+        assert!(!d.vips.contains_key(&addr16(&node)));
+        assert!(d.node_addrs.contains(&addr16(&node)));
+        assert_eq!(d.cidrs.len(), 1);
+    }
+}
