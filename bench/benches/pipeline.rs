@@ -17,6 +17,11 @@
 //! that what the pipeline touches stays in cache: the gap to the main runs is memory
 //! latency.
 //!
+//! Every group is run twice: through `Worker::process`, one call per frame (the names
+//! above), and through `Worker::process_batch`, one call per batch, which prefetches the
+//! batch's conntrack state before processing the frames (the same names with `_batch`
+//! after the kind: `established_batch/<n>`, `new_flow_batch_cache_resident/<n>`, ...).
+//!
 //! One iteration is one batch of 64 frames: copied into a receive ring from the frame set
 //! (the pipeline rewrites in place), processed, then `housekeeping`. `receive_copy` times
 //! the copy alone. Each run also prints wall and thread CPU time over all its timed
@@ -32,6 +37,7 @@ use kxp_bench::{
     Runner, T0_NS,
 };
 use kxp_dataplane::conntrack::ConntrackConfig;
+use kxp_dataplane::pipeline::Tables;
 use kxp_dataplane::pipeline::{Worker, BATCH_SIZE};
 use kxp_dataplane::verdict::{Counters, ForwardReason};
 
@@ -159,8 +165,35 @@ fn not_forwarded(c: &Counters) -> u64 {
     c.dropped.iter().sum::<u64>() + c.rejected.iter().sum::<u64>() + c.passed.iter().sum::<u64>()
 }
 
-/// Runs the established and new-flow benchmarks of one case; returns the established
-/// frame set.
+/// The entry point a benchmark drives the worker through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    /// `Worker::process`, one call per frame.
+    Process,
+    /// `Worker::process_batch`, one call per batch.
+    Batch,
+}
+
+impl Api {
+    /// Infix of the criterion group names.
+    fn infix(self) -> &'static str {
+        match self {
+            Self::Process => "",
+            Self::Batch => "_batch",
+        }
+    }
+
+    #[inline]
+    fn run(self, runner: &mut Runner, worker: &mut Worker, tables: &Tables, set: &FrameSet) {
+        match self {
+            Self::Process => runner.batch(worker, tables, set),
+            Self::Batch => runner.batch_prefetch(worker, tables, set),
+        }
+    }
+}
+
+/// Runs the established and new-flow benchmarks of one case, through both entry points;
+/// returns the established frame set.
 fn run_case(c: &mut Criterion, case: Case) -> FrameSet {
     let Setup {
         cluster,
@@ -168,13 +201,46 @@ fn run_case(c: &mut Criterion, case: Case) -> FrameSet {
         established,
         new_flows,
     } = setup(case);
+    let mut now_ns = T0_NS;
+    for api in [Api::Process, Api::Batch] {
+        now_ns = run_api(
+            c,
+            case,
+            api,
+            now_ns,
+            &cluster,
+            &mut worker,
+            &established,
+            &new_flows,
+        );
+    }
+    established
+}
+
+/// The established and new-flow benchmarks of one case through one entry point, on the
+/// simulated clock from `now_ns`; returns the clock.
+#[allow(clippy::too_many_arguments)]
+fn run_api(
+    c: &mut Criterion,
+    case: Case,
+    api: Api,
+    now_ns: u64,
+    cluster: &Cluster,
+    worker: &mut Worker,
+    established: &FrameSet,
+    new_flows: &FrameSet,
+) -> u64 {
     let services = case.services;
     let tracked = case.tracked;
     let tables = &cluster.tables;
-    let mut runner = Runner::new(T0_NS);
+    let mut runner = Runner::new(now_ns);
+    // Only the established flows (a previous run may have left new ones).
+    worker
+        .conntrack
+        .purge(|m| cluster.flow_index(m.orig.src, m.orig.sport).unwrap() < tracked);
 
     // Established flows.
-    let name = format!("established{}", case.suffix);
+    let name = format!("established{}{}", api.infix(), case.suffix);
     let before = worker.counters.clone();
     let mut cpu = CpuTally::default();
     let mut g = c.benchmark_group(&name);
@@ -183,7 +249,7 @@ fn run_case(c: &mut Criterion, case: Case) -> FrameSet {
         b.iter_custom(|iters| {
             let (t, c) = (Instant::now(), thread_cpu_time());
             for _ in 0..iters {
-                runner.batch(&mut worker, tables, &established);
+                api.run(&mut runner, worker, tables, established);
             }
             let wall = t.elapsed();
             cpu.add(iters, wall, thread_cpu_time() - c);
@@ -204,9 +270,13 @@ fn run_case(c: &mut Criterion, case: Case) -> FrameSet {
         cpu.report()
     );
 
-    // New flows.
-    let name = format!("new_flow{}", case.suffix);
+    // New flows, from a fresh pool (no flow of a previous run left).
+    let name = format!("new_flow{}{}", api.infix(), case.suffix);
     let mut runner = Runner::new(runner.now_ns);
+    worker
+        .conntrack
+        .purge(|m| cluster.flow_index(m.orig.src, m.orig.sport).unwrap() < tracked);
+    assert_eq!(worker.conntrack.len() as u64, tracked);
     let before = worker.counters.clone();
     let stats_before = worker.conntrack.stats();
     let mut purge_time = Duration::ZERO;
@@ -224,7 +294,7 @@ fn run_case(c: &mut Criterion, case: Case) -> FrameSet {
                 let n = left.min(room);
                 let (t, c) = (Instant::now(), thread_cpu_time());
                 for _ in 0..n {
-                    runner.batch(&mut worker, tables, &new_flows);
+                    api.run(&mut runner, worker, tables, new_flows);
                 }
                 let wall = t.elapsed();
                 cpu.add(n, wall, thread_cpu_time() - c);
@@ -265,7 +335,7 @@ fn run_case(c: &mut Criterion, case: Case) -> FrameSet {
         purge_time.as_nanos() as f64 / purged.max(1) as f64,
         cpu.report(),
     );
-    established
+    runner.now_ns
 }
 
 fn pipeline(c: &mut Criterion) {

@@ -805,6 +805,28 @@ impl Runner {
         self.now_ns += BATCH_NS;
     }
 
+    /// [`Runner::batch`] with the whole batch handed to [`Worker::process_batch`] (which
+    /// prefetches the batch's conntrack state before processing the frames in order)
+    /// instead of one [`Worker::process`] call per frame.
+    #[inline(never)]
+    pub fn batch_prefetch(&mut self, worker: &mut Worker, tables: &Tables, set: &FrameSet) {
+        self.receive(set);
+        let mut frames = self.rx.each_mut().map(|f| &mut f.0[..]);
+        worker.process_batch(
+            tables,
+            &mut frames,
+            &self.rx_ingress,
+            self.now_ns,
+            &mut self.scratch,
+            |_, _, v, _| {
+                black_box(v);
+            },
+        );
+        black_box(&mut self.rx);
+        worker.housekeeping(self.now_ns);
+        self.now_ns += BATCH_NS;
+    }
+
     /// The receive step alone (the copy the measured loop pays for), for a baseline.
     #[inline(never)]
     pub fn receive_only(&mut self, set: &FrameSet) {

@@ -9,11 +9,22 @@
 //! # Layout
 //!
 //! Flows live in a slab (a `Vec` of fixed-size entries, free slots chained into a LIFO
-//! free list through the entry itself). Two `hashbrown::HashTable<u32>` indexes point into
-//! it: one keyed by the original tuple (client → service frontend), one by the reply tuple
-//! (backend → SNAT address, or → client when there is no SNAT). Both use the same seeded
-//! splitmix64-style hash of the 5-tuple, so a packet's tuple is hashed once and probed in
-//! both indexes.
+//! free list through the entry itself). One tuple index points into it, holding two
+//! entries per flow: its original tuple (client → service frontend) and its reply tuple
+//! (backend → SNAT address, or → client when there is no SNAT), each marked with its
+//! direction. A packet's tuple is hashed once (a seeded splitmix64-style hash of the
+//! 5-tuple) and looked up once, whichever direction it travels.
+//!
+//! The index is a fixed array of 64-byte buckets (one cache line each) of 10 ways; a way
+//! holds a 16-bit fingerprint of the tuple hash and the slab slot (31 bits, plus the
+//! direction bit). A tuple's home bucket comes from the low 32 bits of its hash (scaled
+//! to the bucket count, so any count works), its fingerprint from the top 16 bits. A
+//! lookup reads the home bucket, compares the ten fingerprints at once (four per 64-bit
+//! word), and reads the slab entry of each match to confirm the tuple (in a full table a
+//! false match costs an extra entry read about once per 10,000 lookups). So a lookup is two
+//! dependent cache misses at most (bucket, entry), and a batch can compute every home
+//! bucket's address up front and prefetch them ([`Conntrack::prefetch_bucket`], then
+//! [`Conntrack::prefetch_flow`] for the entries).
 //!
 //! IPv4 and IPv6 flows live in two separate tables generic over the address type (`u32` vs
 //! `[u8; 16]`), so IPv4 entries don't pay for IPv6 addresses. Each family has its own hard
@@ -23,26 +34,31 @@
 //! Memory per flow (x86_64), measured by the tests `entry_sizes` and
 //! `memory_per_flow_at_full_capacity` with a full table of 200 000 flows:
 //!
-//! | family | entry | indexes (2 × 262 144 buckets × 5 B) | total per flow |
-//! |--------|-------|-------------------------------------|----------------|
-//! | IPv4   | 36 B  | 13.1 B                              | 49.1 B         |
-//! | IPv6   | 84 B  | 13.1 B                              | 97.1 B         |
+//! | family | entry | index (62 500 buckets × 64 B) | total per flow |
+//! |--------|-------|-------------------------------|----------------|
+//! | IPv4   | 36 B  | 20 B                          | 56 B           |
+//! | IPv6   | 84 B  | 20 B                          | 104 B          |
 //!
-//! The index share depends on how the capacity falls against hashbrown's power-of-two
-//! bucket counts (5 B per bucket per index, 1.29 to 2.57 buckets per flow with the slack
-//! below): about 13 B to 26 B per flow, so IPv4 stays under 62 B per flow at any
-//! capacity. With the default capacities (1 Mi IPv4, 256 Ki IPv6 flows): IPv4
-//! 36 + 20 = 56 B, IPv6 84 + 20 = 104 B, about 86 MB (82 MiB) per worker in all.
+//! The index has 5/16 of a bucket per flow of capacity (rounded up), so this holds at any
+//! capacity: IPv4 56 B and IPv6 104 B per flow of capacity. With the default capacities
+//! (1 Mi IPv4, 256 Ki IPv6 flows) that is about 86 MB (82 MiB) per worker in all.
 //!
 //! # Index maintenance
 //!
-//! hashbrown leaves tombstones behind some removals; when a table runs out of never-used
-//! buckets it would rehash or *grow* (allocate) inside an insert. To keep memory fixed,
-//! each index is sized for `capacity + capacity / 8 + 1` entries, and when an index has no
-//! growth left before an insert it is cleared and rebuilt in place from the slab (no
-//! allocation; counted in [`ConntrackStats::index_rebuilds`]). The slack bounds rebuilds to
-//! at most one per `capacity / 8` inserts; each is O(capacity), a rare latency spike in
-//! exchange for memory that never grows.
+//! Buckets are probed linearly: an entry whose home bucket is full goes to the next
+//! bucket with a free way (wrapping around), and every bucket it passed counts it in its
+//! overflow count. A lookup stops at the first bucket without overflow, so it reads one
+//! bucket unless its home bucket overflowed. Removal clears the way and decrements the
+//! counts the insert incremented: no tombstones, so the index never degrades and never
+//! needs a rebuild or any allocation ([`ConntrackStats::index_rebuilds`] stays 0). A full
+//! table uses 64% of the ways (two entries per flow); the test
+//! `probe_lengths_in_a_full_table` measures 1.02 buckets read per hit and 1.10 per miss
+//! there, with 7.5% of the buckets overflowing.
+//!
+//! A lookup that finds nothing remembers the tuple until the table next changes, so the
+//! [`Conntrack::insert`] that usually follows does not probe for the original tuple
+//! again. Scans of the slab (GC, purge, iteration) stop at the highest slot ever used, and
+//! GC skips a family that holds no flow at all.
 //!
 //! # Time
 //!
@@ -103,8 +119,6 @@
 
 use core::fmt;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-use hashbrown::HashTable;
 
 use crate::flow::{mix, FlowKey, L4Proto};
 use crate::tables::ServicePortId;
@@ -282,6 +296,13 @@ pub struct FlowMatch {
     pub tcp_state: TcpState,
 }
 
+/// A tuple's hash, from [`Conntrack::prefetch_bucket`] for [`Conntrack::prefetch_flow`].
+#[derive(Clone, Copy, Debug)]
+pub struct FlowHash {
+    hash: u64,
+    v6: bool,
+}
+
 /// Why [`Conntrack::insert`] refused a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InsertError {
@@ -321,7 +342,8 @@ pub struct ConntrackStats {
     pub exists: u64,
     /// Flows removed by [`Conntrack::purge`].
     pub purged: u64,
-    /// In-place index rebuilds (see "Index maintenance" in the module doc).
+    /// In-place index rebuilds. Always 0: the index never needs one (see "Index
+    /// maintenance" in the module doc); kept for the counters' consumers.
     pub index_rebuilds: u64,
 }
 
@@ -652,15 +674,254 @@ fn tcp_initial(flags: u8, fl: &mut u8) -> TcpState {
     }
 }
 
-/// One address family's flows: slab, free list and the two indexes.
+/// Ways (tuple entries) per index bucket.
+const WAYS: usize = 10;
+/// Index buckets per flow of capacity, as a fraction `NUM / DEN`: 5/16 of a 64-byte
+/// bucket (20 B) per flow. Each flow has two entries (original and reply tuple), so a
+/// full table fills `2 / (WAYS * 5 / 16)` = 64% of the ways.
+const BUCKETS_PER_FLOW_NUM: u64 = 5;
+const BUCKETS_PER_FLOW_DEN: u64 = 16;
+/// Bit of an index value: the entry stands for the flow's reply tuple (clear: original).
+const REPLY_BIT: u32 = 1 << 31;
+
+/// One cache line of the tuple index: up to [`WAYS`] entries, each a 16-bit fingerprint
+/// of the tuple hash and the slab slot (plus [`REPLY_BIT`]) of the flow it names.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Default)]
+struct Bucket {
+    /// Fingerprint per way; 0 marks an empty way (fingerprints are never 0).
+    tags: [u16; WAYS],
+    /// Slot (with [`REPLY_BIT`] for reply tuples) per way; meaningful when the tag is set.
+    vals: [u32; WAYS],
+    /// Entries stored after this bucket whose probe passed through it: they hash to this
+    /// bucket or an earlier one and found it full. A lookup that misses in a bucket with
+    /// no overflow stops there.
+    overflow: u32,
+}
+
+impl Bucket {
+    /// Ways whose fingerprint is `tag`, as a sparse bit mask (decode a set bit with
+    /// [`way_of`]): the fingerprints are compared four at a time as 64-bit words (SWAR).
+    #[inline]
+    fn matches(&self, tag: u16) -> u64 {
+        const LO15: u64 = 0x7fff_7fff_7fff_7fff;
+        // High bit of each 16-bit lane of `x` that is zero, exactly (no carries cross
+        // lanes: 0x7fff + 0x7fff < 0x10000).
+        let zero_lanes = |x: u64| !((x & LO15).wrapping_add(LO15) | x | LO15);
+        let t = &self.tags;
+        let word =
+            |g: usize, n: usize| (0..n).fold(0u64, |w, i| w | u64::from(t[g + i]) << (16 * i));
+        let pat = u64::from(tag) * 0x0001_0001_0001_0001;
+        // Lanes 10 and 11 of the last word are 0 and compare against `tag`, never 0.
+        zero_lanes(word(0, 4) ^ pat) >> 15
+            | zero_lanes(word(4, 4) ^ pat) >> 14
+            | zero_lanes(word(8, WAYS - 8) ^ pat) >> 13
+    }
+}
+
+impl Bucket {
+    /// Empty ways (fingerprint 0), as a sparse bit mask like [`Bucket::matches`].
+    #[inline]
+    fn empty_ways(&self) -> u64 {
+        // `matches(0)` also reports the two lanes past the last way (always 0).
+        self.matches(0) & !(1 << 34 | 1 << 50)
+    }
+}
+
+/// The way a set bit of [`Bucket::matches`] stands for: bit `16 k + g` is way `4 g + k`.
+#[inline]
+fn way_of(bit: u32) -> usize {
+    ((bit & 15) * 4 + (bit >> 4)) as usize
+}
+
+/// The tuple index of one family: both tuples of every flow, in a fixed array of
+/// cache-line buckets with linear probing (bucket by bucket) and per-bucket overflow
+/// counts instead of tombstones (as in folly's F14). Never allocates after
+/// construction and never needs a rebuild: it has room for two entries per slab slot.
+struct Index {
+    buckets: Vec<Bucket>,
+}
+
+impl Index {
+    fn new(capacity: usize) -> Self {
+        let n = (capacity as u64 * BUCKETS_PER_FLOW_NUM).div_ceil(BUCKETS_PER_FLOW_DEN);
+        Self {
+            buckets: vec![Bucket::default(); n as usize],
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.buckets.capacity() * core::mem::size_of::<Bucket>()
+    }
+
+    /// Home bucket of a hash: its low 32 bits scaled to the bucket count (no power of
+    /// two needed). Only meaningful with at least one bucket.
+    #[inline]
+    fn home(&self, hash: u64) -> usize {
+        (((hash & 0xffff_ffff) * self.buckets.len() as u64) >> 32) as usize
+    }
+
+    /// Fingerprint of a hash: its top 16 bits, never 0.
+    #[inline]
+    fn tag(hash: u64) -> u16 {
+        ((hash >> 48) as u16).max(1)
+    }
+
+    #[inline]
+    fn next(&self, b: usize) -> usize {
+        if b + 1 >= self.buckets.len() {
+            0
+        } else {
+            b + 1
+        }
+    }
+
+    /// Address of the home bucket, for prefetching.
+    #[inline]
+    fn home_ptr(&self, hash: u64) -> Option<*const Bucket> {
+        if self.buckets.is_empty() {
+            return None;
+        }
+        Some(self.buckets.as_ptr().wrapping_add(self.home(hash)))
+    }
+
+    /// The first value stored under `hash` for which `is_it` holds.
+    #[inline]
+    fn find(&self, hash: u64, mut is_it: impl FnMut(u32) -> bool) -> Option<u32> {
+        let tag = Self::tag(hash);
+        let mut b = self.home(hash);
+        for _ in 0..self.buckets.len() {
+            let bucket = self.buckets.get(b)?;
+            let mut m = bucket.matches(tag);
+            while m != 0 {
+                let w = way_of(m.trailing_zeros());
+                m &= m - 1;
+                let v = bucket.vals.get(w).copied()?;
+                if is_it(v) {
+                    return Some(v);
+                }
+            }
+            if bucket.overflow == 0 {
+                return None;
+            }
+            b = self.next(b);
+        }
+        None
+    }
+
+    /// Stores `val` under `hash`; false only if every way is taken (cannot happen: the
+    /// index has more ways than twice the slab).
+    fn insert(&mut self, hash: u64, val: u32) -> bool {
+        let n = self.buckets.len();
+        if n == 0 {
+            return false;
+        }
+        let tag = Self::tag(hash);
+        let home = self.home(hash);
+        let mut b = home;
+        for _ in 0..n {
+            let Some(bucket) = self.buckets.get_mut(b) else {
+                return false;
+            };
+            let empty = bucket.empty_ways();
+            if empty != 0 {
+                let w = way_of(empty.trailing_zeros());
+                let (Some(t), Some(v)) = (bucket.tags.get_mut(w), bucket.vals.get_mut(w)) else {
+                    return false;
+                };
+                *t = tag;
+                *v = val;
+                let mut c = home;
+                while c != b {
+                    if let Some(p) = self.buckets.get_mut(c) {
+                        p.overflow += 1;
+                    }
+                    c = self.next(c);
+                }
+                return true;
+            }
+            b = self.next(b);
+        }
+        false
+    }
+
+    /// Removes the entry `val` stored under `hash`, if there is one.
+    fn remove(&mut self, hash: u64, val: u32) {
+        let tag = Self::tag(hash);
+        let home = self.home(hash);
+        let mut b = home;
+        for _ in 0..self.buckets.len() {
+            let Some(bucket) = self.buckets.get_mut(b) else {
+                return;
+            };
+            let hit = (0..WAYS).find(|&w| bucket.tags[w] == tag && bucket.vals[w] == val);
+            if let Some(w) = hit {
+                bucket.tags[w] = 0;
+                let mut c = home;
+                while c != b {
+                    if let Some(p) = self.buckets.get_mut(c) {
+                        p.overflow -= 1;
+                    }
+                    c = self.next(c);
+                }
+                return;
+            }
+            if bucket.overflow == 0 {
+                return;
+            }
+            b = self.next(b);
+        }
+    }
+
+    /// Entries stored (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.buckets
+            .iter()
+            .map(|b| b.tags.iter().filter(|&&t| t != 0).count())
+            .sum()
+    }
+}
+
+/// Prefetches the cache line at `p` (a hint: never faults, changes nothing).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 is a hint with no architectural effect; it does not fault on
+    // any address, valid or not, so any pointer value is fine.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Which side of its flow a tuple index value names.
+#[inline]
+fn side_of(val: u32) -> Direction {
+    if val & REPLY_BIT != 0 {
+        Direction::Reply
+    } else {
+        Direction::Original
+    }
+}
+
+/// One address family's flows: slab, free list and the tuple index.
 struct Table<A> {
     slab: Vec<Entry<A>>,
     free_head: u32,
     len: usize,
-    /// Original tuple → slot.
-    orig: HashTable<u32>,
-    /// Reply tuple → slot.
-    reply: HashTable<u32>,
+    /// Original and reply tuples → slot.
+    index: Index,
+    /// Slots at or above this were never used (the free list hands out slots in order at
+    /// first), so scans of the slab (GC, purge, iter) stop here.
+    high_water: usize,
+    /// Bumped by every insert and removal.
+    epoch: u64,
+    /// The last tuple a lookup found no flow for, its hash, and the `epoch` then: while
+    /// the epoch is unchanged, no flow holds that tuple, so an insert of it need not
+    /// probe for it again.
+    absent: Option<(Tuple<A>, u64, u64)>,
     /// Clock hand of the eviction scan.
     evict_hand: usize,
     /// [`FlowId`] tag of this family.
@@ -676,17 +937,14 @@ impl<A: Addr> Table<A> {
             let next = if i + 1 < capacity { i as u32 + 1 } else { NIL };
             slab.push(Entry::free(next));
         }
-        let index_capacity = if capacity == 0 {
-            0
-        } else {
-            capacity + capacity / 8 + 1
-        };
         Self {
             slab,
             free_head: if capacity == 0 { NIL } else { 0 },
             len: 0,
-            orig: HashTable::with_capacity(index_capacity),
-            reply: HashTable::with_capacity(index_capacity),
+            index: Index::new(capacity),
+            high_water: 0,
+            epoch: 0,
+            absent: None,
             evict_hand: 0,
             id_bit,
             seed,
@@ -698,59 +956,55 @@ impl<A: Addr> Table<A> {
     }
 
     fn memory_bytes(&self) -> usize {
-        self.slab.capacity() * core::mem::size_of::<Entry<A>>()
-            + self.orig.allocation_size()
-            + self.reply.allocation_size()
+        self.slab.capacity() * core::mem::size_of::<Entry<A>>() + self.index.memory_bytes()
     }
 
-    fn index(&self, side: Direction) -> &HashTable<u32> {
-        match side {
-            Direction::Original => &self.orig,
-            Direction::Reply => &self.reply,
-        }
-    }
-
-    /// The slot whose `side` tuple is `t` (live or expired).
+    /// The slot holding `t` as its original or reply tuple (live or expired), and which
+    /// side `t` is. A flow whose two tuples are equal matches as [`Direction::Original`].
     #[inline]
-    fn find(&self, side: Direction, hash: u64, t: &Tuple<A>) -> Option<u32> {
+    fn find(&self, hash: u64, t: &Tuple<A>) -> Option<(u32, Direction)> {
         let slab = &self.slab;
-        self.index(side)
-            .find(hash, |&i| {
-                slab.get(i as usize)
-                    .is_some_and(|e| !e.is_free() && e.tuple(side) == *t)
-            })
-            .copied()
+        let v = self.index.find(hash, |v| {
+            slab.get((v & !REPLY_BIT) as usize)
+                .is_some_and(|e| !e.is_free() && e.tuple(side_of(v)) == *t)
+        })?;
+        let slot = v & !REPLY_BIT;
+        let dir = match side_of(v) {
+            Direction::Reply
+                if slab
+                    .get(slot as usize)
+                    .is_some_and(|e| e.orig_tuple() != *t) =>
+            {
+                Direction::Reply
+            }
+            _ => Direction::Original,
+        };
+        Some((slot, dir))
     }
 
-    /// The live slot whose `side` tuple is `t`; an expired one is removed on the way.
+    /// The live slot holding `t`; an expired one is removed on the way.
     #[inline]
     fn find_live(
         &mut self,
-        side: Direction,
         hash: u64,
         t: &Tuple<A>,
         now_s: u32,
         stats: &mut ConntrackStats,
-    ) -> Option<u32> {
-        let slot = self.find(side, hash, t)?;
+    ) -> Option<(u32, Direction)> {
+        let (slot, dir) = self.find(hash, t)?;
         if self.slab.get(slot as usize)?.is_expired(now_s) {
             self.remove(slot);
             stats.expired += 1;
             return None;
         }
-        Some(slot)
+        Some((slot, dir))
     }
 
     /// Whether a live flow has `t` as its original or reply tuple.
     fn tuple_in_use(&self, t: &Tuple<A>, now_s: u32) -> bool {
-        let hash = t.hash(self.seed);
-        [Direction::Original, Direction::Reply]
-            .into_iter()
-            .any(|side| {
-                self.find(side, hash, t)
-                    .and_then(|i| self.slab.get(i as usize))
-                    .is_some_and(|e| !e.is_expired(now_s))
-            })
+        self.find(t.hash(self.seed), t)
+            .and_then(|(i, _)| self.slab.get(i as usize))
+            .is_some_and(|e| !e.is_expired(now_s))
     }
 
     fn id(&self, slot: u32) -> FlowId {
@@ -764,15 +1018,52 @@ impl<A: Addr> Table<A> {
         stats: &mut ConntrackStats,
     ) -> Option<FlowMatch> {
         let hash = t.hash(self.seed);
-        for dir in [Direction::Original, Direction::Reply] {
-            if let Some(slot) = self.find_live(dir, hash, t, now_s, stats) {
-                return self.slab.get(slot as usize)?.flow_match(self.id(slot), dir);
+        match self.find_live(hash, t, now_s, stats) {
+            Some((slot, dir)) => self.slab.get(slot as usize)?.flow_match(self.id(slot), dir),
+            None => {
+                self.absent = Some((*t, hash, self.epoch));
+                None
             }
         }
-        None
     }
 
-    /// Frees an occupied slot and unlinks it from both indexes.
+    /// Prefetches the home bucket of `hash`.
+    #[inline]
+    fn prefetch_bucket(&self, hash: u64) {
+        if let Some(p) = self.index.home_ptr(hash) {
+            prefetch(p);
+        }
+    }
+
+    /// Prefetches the slab entry of the first way of `hash`'s home bucket whose
+    /// fingerprint matches (both cache lines it may straddle).
+    #[inline]
+    fn prefetch_entry(&self, hash: u64) -> bool {
+        if self.index.buckets.is_empty() {
+            return false;
+        }
+        let Some(b) = self.index.buckets.get(self.index.home(hash)) else {
+            return false;
+        };
+        let m = b.matches(Index::tag(hash));
+        if m == 0 {
+            // Not in its home bucket; elsewhere only if the bucket overflowed.
+            return b.overflow != 0;
+        }
+        let v = b.vals.get(way_of(m.trailing_zeros())).copied().unwrap_or(0);
+        let slot = (v & !REPLY_BIT) as usize;
+        if slot < self.slab.len() {
+            let p = self.slab.as_ptr().wrapping_add(slot);
+            prefetch(p);
+            prefetch(
+                p.cast::<u8>()
+                    .wrapping_add(core::mem::size_of::<Entry<A>>() - 1),
+            );
+        }
+        true
+    }
+
+    /// Frees an occupied slot and unlinks both its tuples from the index.
     fn remove(&mut self, slot: u32) {
         let Some(e) = self.slab.get(slot as usize).copied() else {
             return;
@@ -780,45 +1071,14 @@ impl<A: Addr> Table<A> {
         if e.is_free() {
             return;
         }
-        for side in [Direction::Original, Direction::Reply] {
-            let hash = e.tuple(side).hash(self.seed);
-            let index = match side {
-                Direction::Original => &mut self.orig,
-                Direction::Reply => &mut self.reply,
-            };
-            if let Ok(entry) = index.find_entry(hash, |&i| i == slot) {
-                entry.remove();
-            }
-        }
+        self.index.remove(e.orig_tuple().hash(self.seed), slot);
+        self.index
+            .remove(e.reply_tuple().hash(self.seed), slot | REPLY_BIT);
         if let Some(e) = self.slab.get_mut(slot as usize) {
             *e = Entry::free(self.free_head);
             self.free_head = slot;
             self.len -= 1;
-        }
-    }
-
-    /// Makes sure inserting into `side`'s index cannot make hashbrown rehash or grow: if
-    /// the index has no growth left, rebuilds it in place from the slab.
-    fn ensure_index_room(&mut self, side: Direction, stats: &mut ConntrackStats) {
-        let index = match side {
-            Direction::Original => &mut self.orig,
-            Direction::Reply => &mut self.reply,
-        };
-        if index.len() < index.capacity() {
-            return;
-        }
-        stats.index_rebuilds += 1;
-        index.clear();
-        let seed = self.seed;
-        let slab = &self.slab;
-        let hasher = |&i: &u32| {
-            slab.get(i as usize)
-                .map_or(0, |e: &Entry<A>| e.tuple(side).hash(seed))
-        };
-        for (i, e) in slab.iter().enumerate() {
-            if !e.is_free() {
-                index.insert_unique(e.tuple(side).hash(seed), i as u32, hasher);
-            }
+            self.epoch += 1;
         }
     }
 
@@ -871,15 +1131,26 @@ impl<A: Addr> Table<A> {
         cfg: &ConntrackConfig,
         stats: &mut ConntrackStats,
     ) -> Result<FlowId, InsertError> {
-        // Neither tuple may be taken by a live flow, in either direction.
-        for t in [e.orig_tuple(), e.reply_tuple()] {
-            let hash = t.hash(self.seed);
-            for side in [Direction::Original, Direction::Reply] {
-                if self.find_live(side, hash, &t, now_s, stats).is_some() {
+        // Neither tuple may be taken by a live flow, in either direction. The original
+        // tuple needs no probe if a lookup just found nothing for it and nothing changed
+        // since.
+        let orig = e.orig_tuple();
+        let ho = match self.absent {
+            Some((t, h, epoch)) if epoch == self.epoch && t == orig => h,
+            _ => {
+                let h = orig.hash(self.seed);
+                if self.find_live(h, &orig, now_s, stats).is_some() {
                     stats.exists += 1;
                     return Err(InsertError::Exists);
                 }
+                h
             }
+        };
+        let reply = e.reply_tuple();
+        let hr = reply.hash(self.seed);
+        if self.find_live(hr, &reply, now_s, stats).is_some() {
+            stats.exists += 1;
+            return Err(InsertError::Exists);
         }
         if self.len >= self.capacity() && !self.make_room(cfg.eviction_scan, now_s, stats) {
             stats.full += 1;
@@ -891,8 +1162,6 @@ impl<A: Addr> Table<A> {
             stats.full += 1;
             return Err(InsertError::Full);
         };
-        self.ensure_index_room(Direction::Original, stats);
-        self.ensure_index_room(Direction::Reply, stats);
 
         let t = &cfg.timeouts;
         let (state, timeout) = if e.proto == L4Proto::Tcp as u8 {
@@ -906,34 +1175,26 @@ impl<A: Addr> Table<A> {
         e.state = state.as_u8();
         e.expires = now_s.saturating_add(timeout);
 
-        let (ho, hr) = (
-            e.orig_tuple().hash(self.seed),
-            e.reply_tuple().hash(self.seed),
-        );
         self.free_head = next;
         if let Some(s) = self.slab.get_mut(slot as usize) {
             *s = e;
         }
         self.len += 1;
-        let seed = self.seed;
-        let slab = &self.slab;
-        let hasher = |side: Direction| {
-            move |&i: &u32| {
-                slab.get(i as usize)
-                    .map_or(0, |e: &Entry<A>| e.tuple(side).hash(seed))
-            }
-        };
-        self.orig
-            .insert_unique(ho, slot, hasher(Direction::Original));
-        self.reply.insert_unique(hr, slot, hasher(Direction::Reply));
+        self.epoch += 1;
+        self.high_water = self.high_water.max(slot as usize + 1);
+        let ok = self.index.insert(ho, slot) && self.index.insert(hr, slot | REPLY_BIT);
+        debug_assert!(ok, "the index has room for two entries per slot");
         stats.inserted += 1;
         Ok(self.id(slot))
     }
 
     /// Removes expired flows in slots `start..end`.
     fn reap(&mut self, start: usize, end: usize, now_s: u32) -> usize {
+        if self.len == 0 {
+            return 0;
+        }
         let mut removed = 0;
-        for slot in start..end.min(self.capacity()) {
+        for slot in start..end.min(self.high_water) {
             if self.slab.get(slot).is_some_and(|e| e.is_expired(now_s)) {
                 self.remove(slot as u32);
                 removed += 1;
@@ -949,7 +1210,7 @@ impl<A: Addr> Table<A> {
         stats: &mut ConntrackStats,
     ) -> usize {
         let mut removed = 0;
-        for slot in slots.start..slots.end.min(self.capacity()) {
+        for slot in slots.start..slots.end.min(self.high_water) {
             let id = self.id(slot as u32);
             let m = self
                 .slab
@@ -968,13 +1229,18 @@ impl<A: Addr> Table<A> {
     }
 
     fn iter(&self) -> impl Iterator<Item = FlowMatch> + '_ {
-        self.slab.iter().enumerate().filter_map(|(slot, e)| {
-            if e.is_free() {
-                None
-            } else {
-                e.flow_match(self.id(slot as u32), Direction::Original)
-            }
-        })
+        self.slab
+            .get(..self.high_water)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, e)| {
+                if e.is_free() {
+                    None
+                } else {
+                    e.flow_match(self.id(slot as u32), Direction::Original)
+                }
+            })
     }
 }
 
@@ -1078,6 +1344,39 @@ impl Conntrack {
         match FamilyTuple::of(key)? {
             FamilyTuple::V4(t) => self.v4.lookup(&t, now_s, &mut self.stats),
             FamilyTuple::V6(t) => self.v6.lookup(&t, now_s, &mut self.stats),
+        }
+    }
+
+    /// Batch support (see `Worker::process_batch`): prefetches the index bucket that
+    /// holds `key`'s tuple, if tracked, and returns what [`Conntrack::prefetch_flow`] needs.
+    /// A hint only: nothing changes, and a later [`Conntrack::lookup`] finds the same.
+    #[inline]
+    pub fn prefetch_bucket(&self, key: &FlowKey) -> Option<FlowHash> {
+        match FamilyTuple::of(key)? {
+            FamilyTuple::V4(t) => {
+                let hash = t.hash(self.v4.seed);
+                self.v4.prefetch_bucket(hash);
+                Some(FlowHash { hash, v6: false })
+            }
+            FamilyTuple::V6(t) => {
+                let hash = t.hash(self.v6.seed);
+                self.v6.prefetch_bucket(hash);
+                Some(FlowHash { hash, v6: true })
+            }
+        }
+    }
+
+    /// Batch support, after [`Conntrack::prefetch_bucket`] (ideally for a whole batch, so
+    /// the bucket is in cache by now): prefetches the slab entry of the flow the tuple
+    /// most likely belongs to. A hint only. Returns false if the tuple is certainly not
+    /// in the index (no fingerprint match in a home bucket that never overflowed): its
+    /// packet will take the new-flow path, unless a flow is created for it first.
+    #[inline]
+    pub fn prefetch_flow(&self, h: FlowHash) -> bool {
+        if h.v6 {
+            self.v6.prefetch_entry(h.hash)
+        } else {
+            self.v4.prefetch_entry(h.hash)
         }
     }
 
@@ -2002,8 +2301,9 @@ mod tests {
 
     #[test]
     fn churn_keeps_indexes_consistent_and_memory_fixed() {
-        // A capacity that loads hashbrown's buckets heavily (1590 / 2048), so that
-        // removals leave tombstones and the in-place rebuild gets exercised.
+        // A full table under churn: every insert evicts, so entries come and go through
+        // buckets that overflow into their neighbours (the overflow counts must stay
+        // exact for lookups to keep finding displaced entries).
         let cap = 1590;
         let mut ct = Conntrack::new(ConntrackConfig {
             capacity: cap,
@@ -2027,9 +2327,17 @@ mod tests {
         assert_eq!(ct.len(), cap);
         assert_eq!(ct.memory_bytes(), mem, "indexes must never grow");
         assert_eq!(s.evicted_early, 100_000 - cap as u64);
-        assert!(s.index_rebuilds > 0, "churn should have needed a rebuild");
-        assert_eq!(ct.v4.orig.len(), cap);
-        assert_eq!(ct.v4.reply.len(), cap);
+        assert_eq!(s.index_rebuilds, 0, "the index never needs a rebuild");
+        assert_eq!(ct.v4.index.len(), 2 * cap);
+        let overflow: u64 = ct
+            .v4
+            .index
+            .buckets
+            .iter()
+            .map(|b| u64::from(b.overflow))
+            .sum();
+        assert!(overflow > 0, "some buckets should have overflowed");
+        check_index(&ct.v4);
         let flows: Vec<_> = ct.iter().collect();
         for m in flows {
             let l = ct.lookup(&m.orig, at(1)).unwrap();
@@ -2037,6 +2345,210 @@ mod tests {
             let l = ct.lookup(&reply_of(&m.orig, &m.nat), at(1)).unwrap();
             assert_eq!((l.id, l.dir), (m.id, Direction::Reply));
         }
+    }
+
+    /// The index holds exactly both tuples of every stored flow, and every bucket's
+    /// overflow count is exactly the number of entries whose probe passed it.
+    fn check_index<A: Addr>(t: &Table<A>) {
+        let ix = &t.index;
+        let n = ix.buckets.len();
+        let mut want_overflow = vec![0u32; n];
+        let mut seen = 0;
+        for (b, bucket) in ix.buckets.iter().enumerate() {
+            for w in 0..WAYS {
+                if bucket.tags[w] == 0 {
+                    continue;
+                }
+                seen += 1;
+                let v = bucket.vals[w];
+                let e = &t.slab[(v & !REPLY_BIT) as usize];
+                assert!(!e.is_free(), "index entry for a free slot");
+                let h = e.tuple(side_of(v)).hash(t.seed);
+                assert_eq!(bucket.tags[w], Index::tag(h));
+                let mut c = ix.home(h);
+                while c != b {
+                    want_overflow[c] += 1;
+                    c = ix.next(c);
+                }
+            }
+        }
+        assert_eq!(seen, 2 * t.len);
+        let got: Vec<u32> = ix.buckets.iter().map(|b| b.overflow).collect();
+        assert_eq!(got, want_overflow);
+        for (slot, e) in t.slab.iter().enumerate() {
+            if !e.is_free() {
+                assert!(slot < t.high_water);
+                for side in [Direction::Original, Direction::Reply] {
+                    let tu = e.tuple(side);
+                    assert!(t
+                        .find(tu.hash(t.seed), &tu)
+                        .is_some_and(|(s, _)| s == slot as u32));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn index_overflow_counts_stay_exact_under_churn() {
+        // A tiny table (3 buckets for 8 flows): most buckets overflow, lookups probe
+        // past them and removals must undo exactly what inserts counted.
+        let mut ct = Conntrack::new(ConntrackConfig {
+            capacity: 8,
+            capacity_v6: 8,
+            eviction_scan: 8,
+            ..ConntrackConfig::default()
+        });
+        assert_eq!(ct.v4.index.buckets.len(), 3);
+        let mut live = Vec::new();
+        for i in 0..5000u32 {
+            let (k, n) = est(i.wrapping_mul(2_654_435_761) >> 8);
+            let k6 = FlowKey {
+                src: IpAddr::V6(Ipv6Addr::from(u128::from(i) | 0xfd00 << 112)),
+                dst: ip("fd00:96::10"),
+                ..k
+            };
+            let n6 = nat("fd00:1::5", 8080, None);
+            let flags = if i % 3 == 0 {
+                tcp_flags::ACK
+            } else {
+                tcp_flags::SYN
+            };
+            if ct.insert(&k, n, flags, at(u64::from(i / 50))).is_ok() {
+                live.push(k);
+            }
+            let _ = ct.insert(&k6, n6, flags, at(u64::from(i / 50)));
+            if i % 7 == 0 {
+                ct.gc(at(u64::from(i / 50)), 5);
+            }
+            if i % 97 == 0 {
+                ct.purge(|m| m.orig.sport % 2 == 0);
+            }
+            check_index(&ct.v4);
+            check_index(&ct.v6);
+        }
+        assert!(ct.stats().evicted_early > 0 && ct.stats().purged > 0);
+    }
+
+    #[test]
+    fn a_flow_whose_tuples_are_equal_matches_as_original() {
+        // Client 10.0.0.1:1000 -> 10.0.0.1:1000, backend itself, no SNAT: the reply tuple
+        // is the original tuple.
+        let mut ct = new_ct(8);
+        let k = key("10.0.0.1", 1000, "10.0.0.1", 1000, UDP);
+        let n = nat("10.0.0.1", 1000, None);
+        assert_eq!(reply_of(&k, &n), k);
+        let id = ct.insert(&k, n, 0, at(0)).unwrap();
+        for _ in 0..2 {
+            let m = ct.lookup(&k, at(0)).unwrap();
+            assert_eq!((m.id, m.dir), (id, Direction::Original));
+        }
+        assert!(ct.reply_tuple_in_use(&k, at(0)));
+        check_index(&ct.v4);
+        assert!(ct.lookup(&k, at(31)).is_none());
+        assert_eq!(ct.stats().expired, 1);
+        check_index(&ct.v4);
+        assert_eq!(ct.v4.index.len(), 0);
+    }
+
+    #[test]
+    fn bucket_matches_every_way() {
+        let mut b = Bucket::default();
+        for (i, t) in [5u16, 0x8000, 0xffff, 1, 5, 0x0101, 7, 5, 0xffff, 5]
+            .into_iter()
+            .enumerate()
+        {
+            b.tags[i] = t;
+        }
+        let ways = |tag: u16| {
+            let mut m = b.matches(tag);
+            let mut w = Vec::new();
+            while m != 0 {
+                w.push(way_of(m.trailing_zeros()));
+                m &= m - 1;
+            }
+            w.sort();
+            w
+        };
+        assert_eq!(ways(5), [0, 4, 7, 9]);
+        assert_eq!(ways(0xffff), [2, 8]);
+        assert_eq!(ways(0x8000), [1]);
+        assert!(ways(0x0100).is_empty());
+        assert!(ways(0x7fff).is_empty());
+        for tag in 1..=u16::MAX {
+            let want: Vec<usize> = (0..WAYS).filter(|&i| b.tags[i] == tag).collect();
+            assert_eq!(ways(tag), want, "tag {tag:#x}");
+        }
+        // Empty ways.
+        let mut e = b.empty_ways();
+        assert_eq!(e, 0, "all ways taken");
+        b.tags[3] = 0;
+        b.tags[9] = 0;
+        e = b.empty_ways();
+        assert_eq!(e.count_ones(), 2);
+        let mut w = [
+            way_of(e.trailing_zeros()),
+            way_of((e & (e - 1)).trailing_zeros()),
+        ];
+        w.sort();
+        assert_eq!(w, [3, 9]);
+        assert_eq!(Bucket::default().empty_ways().count_ones(), WAYS as u32);
+        // Every way, every position of a lone match.
+        for w in 0..WAYS {
+            let mut b = Bucket::default();
+            b.tags[w] = 0x1234;
+            assert_eq!(way_of(b.matches(0x1234).trailing_zeros()), w);
+            assert_eq!(b.matches(0x1234).count_ones(), 1);
+            assert_eq!(b.matches(0x1235), 0);
+        }
+    }
+
+    /// How many buckets a lookup reads in a full table: a hit reads its home bucket up to
+    /// the entry's; a miss reads up to the first bucket without overflow.
+    #[test]
+    fn probe_lengths_in_a_full_table() {
+        const N: u32 = 200_000;
+        let mut ct = Conntrack::new(ConntrackConfig {
+            capacity: N as usize,
+            capacity_v6: 0,
+            ..ConntrackConfig::default()
+        });
+        for i in 0..N {
+            let (k, n) = est(i);
+            ct.insert(&k, n, tcp_flags::ACK, at(0)).unwrap();
+        }
+        let ix = &ct.v4.index;
+        let n = ix.buckets.len();
+        let (mut hits, mut hit_reads) = (0usize, 0usize);
+        for (b, bucket) in ix.buckets.iter().enumerate() {
+            for w in 0..WAYS {
+                if bucket.tags[w] != 0 {
+                    let v = bucket.vals[w];
+                    let e = &ct.v4.slab[(v & !REPLY_BIT) as usize];
+                    let home = ix.home(e.tuple(side_of(v)).hash(ct.v4.seed));
+                    hits += 1;
+                    hit_reads += (b + n - home) % n + 1;
+                }
+            }
+        }
+        let mut miss_reads = 0;
+        for home in 0..n {
+            let mut b = home;
+            miss_reads += 1;
+            while ix.buckets[b].overflow != 0 {
+                b = ix.next(b);
+                miss_reads += 1;
+            }
+        }
+        let (hit, miss) = (hit_reads as f64 / hits as f64, miss_reads as f64 / n as f64);
+        let overflowing = ix.buckets.iter().filter(|b| b.overflow != 0).count();
+        println!(
+            "full table ({} of {} ways used): buckets read per hit {hit:.3}, per miss \
+             {miss:.3}; {:.1}% of buckets overflow",
+            hits,
+            n * WAYS,
+            100.0 * overflowing as f64 / n as f64
+        );
+        assert!(hit < 1.1 && miss < 1.3, "hit {hit} miss {miss}");
     }
 
     #[test]
@@ -2321,6 +2833,8 @@ mod tests {
             }
             prop_assert!(ct.len() >= model.len());
         }
+        check_index(&ct.v4);
+        check_index(&ct.v6);
         // A full sweep leaves exactly the live flows.
         model.retain(|f| now <= f.expires);
         ct.gc(at(now), ct.capacity());

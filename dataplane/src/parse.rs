@@ -1,5 +1,6 @@
 //! Validation and classification of a raw frame: Ethernet (and one 802.1Q tag) -> IPv4 /
-//! IPv6 (etherparse checks the IP layer: IHL, lengths, extension headers, fragments) ->
+//! IPv6 (IPv4: version, IHL, lengths, header checksum and fragments checked here;
+//! etherparse walks IPv6 extension headers and an IPv4 authentication header) ->
 //! TCP/UDP/SCTP ports, or an ICMP/ICMPv6 error and the packet it quotes.
 //!
 //! The output's offsets are in bounds for the frame, so the rewrite code in [`crate::wire`]
@@ -99,6 +100,63 @@ pub fn parse(frame: &[u8]) -> Result<Parsed, DropReason> {
     }
 }
 
+/// The 5-tuple [`parse`] would most likely find in `frame`, read without validating
+/// anything (lengths, checksums, IHL sanity): a cheap guess for prefetching the flow's
+/// conntrack state ahead of [`parse`], never a substitute for it. `None` for anything but
+/// TCP, UDP or SCTP directly behind IPv4 (not a fragment) or IPv6, with at most one VLAN
+/// tag. Never panics.
+#[inline]
+pub fn peek_key(frame: &[u8]) -> Option<FlowKey> {
+    let mut l3 = eth::HEADER_LEN;
+    let mut ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    if ethertype == eth::TYPE_VLAN || ethertype == eth::TYPE_QINQ {
+        ethertype = u16::from_be_bytes([*frame.get(16)?, *frame.get(17)?]);
+        l3 += eth::VLAN_TAG_LEN;
+    }
+    let ip = frame.get(l3..)?;
+    let (l4, p, src, dst) = match ethertype {
+        eth::TYPE_IPV4 => {
+            let h = ip.get(..ipv4::MIN_HEADER_LEN)?;
+            if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
+                return None;
+            }
+            let a = |r: core::ops::Range<usize>| {
+                IpAddr::V4(core::net::Ipv4Addr::new(
+                    h[r.start],
+                    h[r.start + 1],
+                    h[r.start + 2],
+                    h[r.start + 3],
+                ))
+            };
+            (
+                usize::from(h[0] & 0x0f) * 4,
+                h[ipv4::PROTO],
+                a(ipv4::SRC),
+                a(ipv4::DST),
+            )
+        }
+        eth::TYPE_IPV6 => {
+            let h = ip.get(..ipv6::HEADER_LEN)?;
+            (
+                ipv6::HEADER_LEN,
+                h[ipv6::NEXT_HEADER],
+                read_addr(h, ipv6::SRC),
+                read_addr(h, ipv6::DST),
+            )
+        }
+        _ => return None,
+    };
+    let proto = L4Proto::from_ip_number(p)?;
+    let ports = ip.get(l4..l4 + 4)?;
+    Some(FlowKey {
+        src,
+        dst,
+        sport: u16::from_be_bytes([ports[0], ports[1]]),
+        dport: u16::from_be_bytes([ports[2], ports[3]]),
+        proto,
+    })
+}
+
 fn parse_ipv4(ip: &[u8], l3: usize) -> Result<(Layout, bool, IpAddr, IpAddr), DropReason> {
     if ip.len() < ipv4::MIN_HEADER_LEN {
         return Err(DropReason::Truncated);
@@ -117,29 +175,42 @@ fn parse_ipv4(ip: &[u8], l3: usize) -> Result<(Layout, bool, IpAddr, IpAddr), Dr
     if total < ihl || total > ip.len() {
         return Err(DropReason::BadIpLength);
     }
-    let slice = Ipv4Slice::from_slice(&ip[..total]).map_err(|e| {
-        use etherparse::err::ipv4::SliceError as E;
-        match e {
-            E::Len(_) => DropReason::BadIpLength,
-            E::Header(_) => DropReason::BadIhl,
-            E::Exts(_) => DropReason::BadIhl,
-        }
-    })?;
-    if crate::checksum::checksum(0, &ip[..ihl]) != 0 {
+    // The checks above leave etherparse nothing to object to in the header itself; only
+    // an IPsec authentication header behind it (which etherparse parses, and whose next
+    // header becomes the protocol) needs it.
+    let (ip_number, fragmented) = if ip[ipv4::PROTO] == IP_AUTH_HEADER {
+        let slice = Ipv4Slice::from_slice(&ip[..total]).map_err(|e| {
+            use etherparse::err::ipv4::SliceError as E;
+            match e {
+                E::Len(_) => DropReason::BadIpLength,
+                E::Header(_) => DropReason::BadIhl,
+                E::Exts(_) => DropReason::BadIhl,
+            }
+        })?;
+        let payload = slice.payload();
+        (payload.ip_number.0, payload.fragmented)
+    } else {
+        // More fragments, or a fragment offset.
+        let frag = u16::from_be_bytes([ip[6], ip[7]]);
+        (ip[ipv4::PROTO], frag & 0x3fff != 0)
+    };
+    if !crate::checksum::header_checksum_ok(&ip[..ihl]) {
         return Err(DropReason::BadIpChecksum);
     }
-    let payload = slice.payload();
     let layout = Layout {
         l3,
         l4: l3 + ihl,
         end: l3 + total,
         ip_version: 4,
-        proto: payload.ip_number.0,
+        proto: ip_number,
     };
     let src = read_addr(ip, ipv4::SRC);
     let dst = read_addr(ip, ipv4::DST);
-    Ok((layout, payload.fragmented, src, dst))
+    Ok((layout, fragmented, src, dst))
 }
+
+/// IP protocol number of the IPsec authentication header (RFC 4302).
+const IP_AUTH_HEADER: u8 = 51;
 
 fn parse_ipv6(ip: &[u8], l3: usize) -> Result<(Layout, bool, IpAddr, IpAddr), DropReason> {
     if ip.len() < ipv6::HEADER_LEN {
@@ -279,4 +350,53 @@ fn parse_icmp_error(frame: &[u8], layout: &Layout) -> Option<Quoted> {
             proto,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::PacketBuilder;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// On frames `parse` takes as transport, `peek_key` guesses the same tuple; on any
+        /// bytes it does not panic.
+        #[test]
+        fn peek_key_agrees_with_parse(
+            v6 in any::<bool>(),
+            vlan in any::<bool>(),
+            kind in 0..3u8,
+            a in any::<[u8; 16]>(),
+            b in any::<[u8; 16]>(),
+            ports in any::<(u16, u16)>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..40),
+            noise in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..3),
+        ) {
+            let base = PacketBuilder::ethernet2([1; 6], [2; 6]);
+            let ip = if v6 {
+                base.ipv6(a, b, 64)
+            } else {
+                base.ipv4([a[0], a[1], a[2], a[3]], [b[0], b[1], b[2], b[3]], 64)
+            };
+            let mut frame = Vec::new();
+            match kind {
+                0 => ip.tcp(ports.0, ports.1, 1, 100).write(&mut frame, &payload).unwrap(),
+                1 => ip.udp(ports.0, ports.1).write(&mut frame, &payload).unwrap(),
+                _ => ip.icmpv4_echo_request(1, 2).write(&mut frame, &payload).unwrap(),
+            }
+            if vlan {
+                frame.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
+            }
+            match parse(&frame) {
+                Ok(Parsed::Transport { key, .. }) => prop_assert_eq!(peek_key(&frame), Some(key)),
+                _ => prop_assert!(kind == 2),
+            }
+            for (at, byte) in noise {
+                let n = frame.len();
+                frame[at % n] = byte;
+                let _ = peek_key(&frame);
+                let _ = peek_key(&frame[..at % n]);
+            }
+        }
+    }
 }

@@ -130,6 +130,53 @@ impl Worker {
         v
     }
 
+    /// Runs a batch of frames through the pipeline: exactly what calling
+    /// [`Worker::process`] on each frame in turn does (rewrites, verdicts, counters,
+    /// conntrack), plus prefetching. Before the frames are processed, the flow tuples of
+    /// the whole batch (up to [`BATCH_SIZE`] at a time) are read, their conntrack index
+    /// buckets prefetched, then the flow entries those buckets point to, so the batch's
+    /// cache misses overlap instead of each frame waiting for its own.
+    ///
+    /// Frame `i` comes in on `ingress[i]` (frames beyond `ingress.len()` are left alone).
+    /// `done(i, frame, verdict, scratch)` is called for each frame, in order, right after
+    /// it is processed; for [`Verdict::Reject`] the answer is `scratch[..len]`, valid until
+    /// the next frame is processed. `scratch` is as for [`Worker::process`].
+    pub fn process_batch(
+        &mut self,
+        tables: &Tables,
+        frames: &mut [&mut [u8]],
+        ingress: &[IfaceId],
+        now_ns: u64,
+        scratch: &mut [u8],
+        mut done: impl FnMut(usize, &mut [u8], Verdict, &[u8]),
+    ) {
+        let n = frames.len().min(ingress.len());
+        let mut start = 0;
+        while start < n {
+            let end = n.min(start + BATCH_SIZE);
+            let batch = frames.get_mut(start..end).unwrap_or_default();
+            self.prefetch_flows(batch);
+            for (k, (frame, &iface)) in batch.iter_mut().zip(&ingress[start..end]).enumerate() {
+                let v = self.process(tables, frame, iface, now_ns, scratch);
+                done(start + k, frame, v, scratch);
+            }
+            start = end;
+        }
+    }
+
+    /// The prefetch passes of [`Worker::process_batch`] (hints only: no state changes):
+    /// every frame's conntrack index bucket, then the flow entries they point to.
+    #[inline]
+    fn prefetch_flows(&self, frames: &[&mut [u8]]) {
+        let mut hashes = [None; BATCH_SIZE];
+        for (h, frame) in hashes.iter_mut().zip(frames) {
+            *h = crate::parse::peek_key(frame).and_then(|k| self.conntrack.prefetch_bucket(&k));
+        }
+        for h in hashes.iter().take(frames.len()).flatten() {
+            self.conntrack.prefetch_flow(*h);
+        }
+    }
+
     /// Work between batches: bounded conntrack and affinity expiry.
     pub fn housekeeping(&mut self, now_ns: u64) {
         self.conntrack.gc(now_ns, self.cfg.gc_budget);
@@ -339,6 +386,9 @@ impl Worker {
                 Verdict::Drop(DropReason::NoLocalEndpoints)
             };
         }
+        // The flow's load-balancing hash, computed at most once (Maglev and the SNAT port
+        // probe both start from it).
+        let mut lb_hash = None;
         let backend = match self.sticky_backend(
             sp.policy.affinity_timeout_secs,
             &key,
@@ -349,7 +399,7 @@ impl Worker {
         ) {
             Some(b) => b,
             None => {
-                let Some(i) = lb.lookup(key.lb_hash()) else {
+                let Some(i) = lb.lookup(*lb_hash.get_or_insert_with(|| key.lb_hash())) else {
                     return Verdict::Drop(DropReason::NoLocalEndpoints);
                 };
                 let Some(b) = sp.endpoints.get(i as usize) else {
@@ -367,6 +417,27 @@ impl Worker {
                 }
                 _ => !sp.policy.external_local || src_is_node,
             };
+        // A hint, nothing more: start loading the conntrack index bucket of the reply
+        // tuple (checked and filled by the insert below, and with masquerade first probed
+        // for the SNAT port) while the next hop is looked up.
+        let reply_dst = if masquerade {
+            node.masquerade_address(&key.src).map(|(_, addr)| {
+                let h = *lb_hash.get_or_insert_with(|| key.lb_hash());
+                let span = u64::from(self.snat_span.max(1));
+                (addr, self.snat_lo.wrapping_add(((h >> 20) % span) as u16))
+            })
+        } else {
+            Some((key.src, key.sport))
+        };
+        if let Some((dst, dport)) = reply_dst {
+            let _ = self.conntrack.prefetch_bucket(&FlowKey {
+                src: backend.0,
+                dst,
+                sport: backend.1,
+                dport,
+                proto: key.proto,
+            });
+        }
         let hop = match prepare_forward(node, frame, &layout, backend.0) {
             Ok(h) => h,
             Err(r) => return Verdict::Drop(r),
@@ -377,7 +448,8 @@ impl Worker {
             let Some((_, addr)) = node.masquerade_address(&key.src) else {
                 return Verdict::Drop(DropReason::NoMasqueradeAddress);
             };
-            match self.allocate_snat_port(&key, addr, backend, now_ns) {
+            let lb_hash = lb_hash.unwrap_or_else(|| key.lb_hash());
+            match self.allocate_snat_port(&key, lb_hash, addr, backend, now_ns) {
                 Some(port) => Some(SnatBinding { addr, port }),
                 None => return Verdict::Drop(DropReason::SnatPortsExhausted),
             }
@@ -488,15 +560,17 @@ impl Worker {
     /// A masquerade port in this worker's share whose reply tuple is free, probing a
     /// bounded number from a start derived from the flow hash; `None` when all probed are
     /// taken (the caller drops and counts: fail fast rather than search).
+    /// `lb_hash` is `key.lb_hash()`.
     fn allocate_snat_port(
         &self,
         key: &FlowKey,
+        lb_hash: u64,
         addr: IpAddr,
         backend: (IpAddr, u16),
         now_ns: u64,
     ) -> Option<u16> {
         let span = self.snat_span as u64;
-        let start = (key.lb_hash() >> 20) % span;
+        let start = (lb_hash >> 20) % span;
         for i in 0..(self.cfg.snat_probe_limit as u64).min(span) {
             let port = self.snat_lo + ((start + i) % span) as u16;
             let reply = FlowKey {
@@ -637,10 +711,7 @@ fn finish_forward(
     reason: ForwardReason,
 ) -> Verdict {
     let mut f = FrameMut::new(frame, layout);
-    f.set_addr(true, src.0);
-    f.set_addr(false, dst.0);
-    f.set_port(true, src.1);
-    f.set_port(false, dst.1);
+    f.rewrite(src, dst);
     if layout.proto == proto::SCTP {
         f.fix_sctp_checksum();
     }

@@ -154,7 +154,7 @@ impl<'a> FrameMut<'a> {
         let n = range.len();
         old[..n].copy_from_slice(&self.buf[range.clone()]);
         let new_bytes = addr_bytes(&new);
-        if new_bytes.len() != n || old[..n] == *new_bytes.as_slice() {
+        if new_bytes.len() != n || old == new_bytes.bytes {
             return;
         }
         self.buf[range].copy_from_slice(new_bytes.as_slice());
@@ -164,6 +164,90 @@ impl<'a> FrameMut<'a> {
             self.write_u16(at, c);
         }
         self.update_l4_checksum(&old[..n], new_bytes.as_slice());
+    }
+
+    /// Rewrites both addresses and both ports: the same bytes as `set_addr(true, src.0)`,
+    /// `set_addr(false, dst.0)`, `set_port(true, src.1)`, `set_port(false, dst.1)`, but
+    /// with one incremental update (RFC 1624) of the IPv4 header checksum and one of the
+    /// transport checksum for all four fields.
+    ///
+    /// The result is the same to the bit, ones'-complement zero included: every field that
+    /// changes adds its `~old + new` words to the sum as the separate updates would, and
+    /// folding a sum once or after each addend gives the same value (both are zero only if
+    /// every addend is, and otherwise they agree modulo 0xffff). UDP's "0 means no
+    /// checksum" rule applies once at the end, as it applied to each step.
+    #[inline]
+    pub fn rewrite(&mut self, src: (IpAddr, u16), dst: (IpAddr, u16)) {
+        let l = self.layout;
+        // Sum of the changed transport words (~old + new), and whether there are any.
+        let mut l4_sum = 0u32;
+        let mut l4_changed = false;
+        if l.is_ipv4() {
+            let header: Option<&mut [u8; ipv4::MIN_HEADER_LEN]> = self
+                .buf
+                .get_mut(l.l3..l.l3 + ipv4::MIN_HEADER_LEN)
+                .and_then(|h| h.try_into().ok());
+            if let Some(h) = header {
+                let mut ip_sum = 0u32;
+                let mut ip_changed = false;
+                for (at, addr) in [(ipv4::SRC.start, src.0), (ipv4::DST.start, dst.0)] {
+                    if let IpAddr::V4(a) = addr {
+                        if let Some(d) = swap_ipv4(h, at, a) {
+                            ip_sum += d;
+                            ip_changed = true;
+                        }
+                    }
+                }
+                if ip_changed {
+                    let c = ipv4::CHECKSUM;
+                    let cur = u16::from_be_bytes([h[c], h[c + 1]]);
+                    let new = !checksum::fold(u32::from(!cur) + ip_sum);
+                    h[c..c + 2].copy_from_slice(&new.to_be_bytes());
+                    l4_sum += ip_sum;
+                    l4_changed = true;
+                }
+            }
+        } else {
+            for (at, addr) in [
+                (l.l3 + ipv6::SRC.start, src.0),
+                (l.l3 + ipv6::DST.start, dst.0),
+            ] {
+                let IpAddr::V6(a) = addr else {
+                    continue;
+                };
+                let new = a.octets();
+                let Some(field) = self.buf.get_mut(at..at + 16) else {
+                    continue;
+                };
+                let mut old = [0u8; 16];
+                old.copy_from_slice(field);
+                if old == new {
+                    continue;
+                }
+                field.copy_from_slice(&new);
+                for i in (0..16).step_by(2) {
+                    l4_sum += word_delta(old[i], old[i + 1], new[i], new[i + 1]);
+                }
+                l4_changed = true;
+            }
+        }
+        let ports: Option<&mut [u8; 4]> = self
+            .buf
+            .get_mut(l.l4..l.l4 + 4)
+            .and_then(|p| p.try_into().ok());
+        if let Some(p) = ports {
+            for (at, port) in [(0, src.1), (2, dst.1)] {
+                let old = u16::from_be_bytes([p[at], p[at + 1]]);
+                if old != port {
+                    p[at..at + 2].copy_from_slice(&port.to_be_bytes());
+                    l4_sum += u32::from(!old) + u32::from(port);
+                    l4_changed = true;
+                }
+            }
+        }
+        if l4_changed {
+            self.add_to_l4_checksum(l4_sum);
+        }
     }
 
     /// Transport source or destination port (TCP, UDP, SCTP: the first four bytes).
@@ -196,6 +280,27 @@ impl<'a> FrameMut<'a> {
             return;
         }
         let mut c = checksum::update(cur, old, new);
+        if self.layout.proto == proto::UDP && c == 0 {
+            c = 0xffff;
+        }
+        self.write_u16(at, c);
+    }
+
+    /// [`FrameMut::update_l4_checksum`] with the `~old + new` words already summed.
+    #[inline]
+    fn add_to_l4_checksum(&mut self, sum: u32) {
+        let Some(at) = self.layout.l4_checksum_offset() else {
+            return;
+        };
+        if at + 2 > self.layout.end {
+            return;
+        }
+        let cur = self.read_u16(at);
+        // An IPv4 UDP checksum of zero means "none": leave it so (RFC 768).
+        if self.layout.proto == proto::UDP && self.layout.is_ipv4() && cur == 0 {
+            return;
+        }
+        let mut c = !checksum::fold(u32::from(!cur) + sum);
         if self.layout.proto == proto::UDP && c == 0 {
             c = 0xffff;
         }
@@ -238,6 +343,26 @@ impl<'a> FrameMut<'a> {
         }
         true
     }
+}
+
+/// Writes IPv4 address `new` at `at` unless it is there already; returns the RFC 1624
+/// addends (`~old + new` for both 16-bit words) of the change.
+#[inline]
+fn swap_ipv4(header: &mut [u8; ipv4::MIN_HEADER_LEN], at: usize, new: Ipv4Addr) -> Option<u32> {
+    let field: &mut [u8; 4] = header.get_mut(at..at + 4)?.try_into().ok()?;
+    let old = u32::from_be_bytes(*field);
+    let new = u32::from(new);
+    if old == new {
+        return None;
+    }
+    *field = new.to_be_bytes();
+    Some((!old >> 16) + (!old & 0xffff) + (new >> 16) + (new & 0xffff))
+}
+
+/// `~old + new` for one big-endian 16-bit word (an RFC 1624 addend).
+#[inline]
+fn word_delta(o0: u8, o1: u8, n0: u8, n1: u8) -> u32 {
+    u32::from(!u16::from_be_bytes([o0, o1])) + u32::from(u16::from_be_bytes([n0, n1]))
 }
 
 /// Address bytes without allocation.
@@ -283,5 +408,144 @@ pub fn read_addr(buf: &[u8], range: core::ops::Range<usize>) -> IpAddr {
         let mut a = [0u8; 16];
         a.copy_from_slice(b);
         IpAddr::V6(Ipv6Addr::from(a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// An address: often the one already in the frame (no change), sometimes of the other
+    /// family (ignored), otherwise arbitrary.
+    fn pick_addr(kind: u8, raw: [u8; 16], current: IpAddr) -> IpAddr {
+        match kind % 4 {
+            0 => current,
+            1 => IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3])),
+            2 => IpAddr::V6(Ipv6Addr::from(raw)),
+            // Differs from the current one in one 16-bit word only.
+            _ => match current {
+                IpAddr::V4(a) => {
+                    let mut o = a.octets();
+                    o[2] = raw[0];
+                    o[3] = raw[1];
+                    IpAddr::V4(Ipv4Addr::from(o))
+                }
+                IpAddr::V6(a) => {
+                    let mut o = a.octets();
+                    o[14] = raw[0];
+                    o[15] = raw[1];
+                    IpAddr::V6(Ipv6Addr::from(o))
+                }
+            },
+        }
+    }
+
+    /// The ones'-complement corner cases (a sum of exactly 0 or 0xffff at some step)
+    /// are rare with random checksums, so try every transport checksum value.
+    #[test]
+    fn rewrite_equals_the_four_setters_for_every_checksum() {
+        let changes: [(u16, u16, [u8; 4], [u8; 4]); 4] = [
+            (0, 0x1234, [0, 0, 0, 0], [0, 0, 0, 0]),
+            (0xffff, 0, [255, 255, 0, 0], [0, 0, 255, 255]),
+            (40000, 61000, [10, 0, 0, 1], [10, 244, 3, 9]),
+            (80, 80, [0xff, 0xff, 0xff, 0xff], [0, 0, 0, 0]),
+        ];
+        for v6 in [false, true] {
+            for p in [proto::UDP, proto::TCP] {
+                for &(old_port, new_port, old_a, new_a) in &changes {
+                    let l4 = if v6 { 54 } else { 34 };
+                    let layout = Layout {
+                        l3: 14,
+                        l4,
+                        end: l4 + 20,
+                        ip_version: if v6 { 6 } else { 4 },
+                        proto: p,
+                    };
+                    let mut base = [0u8; 96];
+                    base[l4..l4 + 2].copy_from_slice(&old_port.to_be_bytes());
+                    let (at, new_src) = if v6 {
+                        let mut a = [0u8; 16];
+                        a[12..].copy_from_slice(&new_a);
+                        base[14 + 8 + 12..14 + 8 + 16].copy_from_slice(&old_a);
+                        (
+                            l4 + if p == proto::UDP { 6 } else { 16 },
+                            IpAddr::V6(a.into()),
+                        )
+                    } else {
+                        base[14 + 12..14 + 16].copy_from_slice(&old_a);
+                        (
+                            l4 + if p == proto::UDP { 6 } else { 16 },
+                            IpAddr::V4(new_a.into()),
+                        )
+                    };
+                    let dst = FrameMut::new(&mut base.clone(), layout).dst_addr();
+                    for csum in 0..=u16::MAX {
+                        base[at..at + 2].copy_from_slice(&csum.to_be_bytes());
+                        base[24..26].copy_from_slice(&csum.to_be_bytes());
+                        let mut a = base;
+                        let mut fa = FrameMut::new(&mut a, layout);
+                        fa.set_addr(true, new_src);
+                        fa.set_addr(false, dst);
+                        fa.set_port(true, new_port);
+                        fa.set_port(false, 7);
+                        let mut b = base;
+                        FrameMut::new(&mut b, layout).rewrite((new_src, new_port), (dst, 7));
+                        assert_eq!(a, b, "v6 {v6} proto {p} csum {csum:#x}");
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+        /// `rewrite` writes exactly what the four separate setters write, checksums
+        /// included, whatever the bytes (checksums of 0 and 0xffff, UDP's "no checksum").
+        #[test]
+        fn rewrite_equals_the_four_setters(
+            v6 in any::<bool>(),
+            vlan in any::<bool>(),
+            p in 0..5usize,
+            mut bytes in proptest::collection::vec(any::<u8>(), 120),
+            csum in prop_oneof![Just(0u16), Just(0xffff), Just(0xfffe), Just(1), any::<u16>()],
+            ip_csum in prop_oneof![Just(0u16), Just(0xffff), any::<u16>()],
+            kinds in any::<[u8; 4]>(),
+            raws in any::<[[u8; 16]; 2]>(),
+            ports in any::<[u16; 2]>(),
+        ) {
+            let proto = [proto::TCP, proto::UDP, proto::SCTP, proto::ICMPV6, 47][p];
+            let l3 = if vlan { 18 } else { 14 };
+            let l4 = l3 + if v6 { 40 } else { 20 };
+            let layout = Layout { l3, l4, end: l4 + 40, ip_version: if v6 { 6 } else { 4 }, proto };
+            if let Some(at) = layout.l4_checksum_offset() {
+                bytes[at..at + 2].copy_from_slice(&csum.to_be_bytes());
+            }
+            if !v6 {
+                bytes[l3 + ipv4::CHECKSUM..l3 + ipv4::CHECKSUM + 2]
+                    .copy_from_slice(&ip_csum.to_be_bytes());
+            }
+            let f = FrameMut::new(&mut bytes, layout);
+            let (cur_src, cur_dst) = (f.src_addr(), f.dst_addr());
+            let (cur_sp, cur_dp) = (f.port(true), f.port(false));
+            let src = (
+                pick_addr(kinds[0], raws[0], cur_src),
+                if kinds[2] % 2 == 0 { cur_sp } else { ports[0] },
+            );
+            let dst = (
+                pick_addr(kinds[1], raws[1], cur_dst),
+                if kinds[3] % 2 == 0 { cur_dp } else { ports[1] },
+            );
+            let mut a = bytes.clone();
+            let mut fa = FrameMut::new(&mut a, layout);
+            fa.set_addr(true, src.0);
+            fa.set_addr(false, dst.0);
+            fa.set_port(true, src.1);
+            fa.set_port(false, dst.1);
+            let mut b = bytes.clone();
+            FrameMut::new(&mut b, layout).rewrite(src, dst);
+            prop_assert_eq!(a, b);
+        }
     }
 }

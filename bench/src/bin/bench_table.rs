@@ -9,11 +9,15 @@
 use std::path::{Path, PathBuf};
 
 const FRAMES_PER_ITER: f64 = 64.0;
-const GROUPS: [&str; 4] = [
+const GROUPS: [&str; 8] = [
     "established",
+    "established_batch",
     "new_flow",
+    "new_flow_batch",
     "established_cache_resident",
+    "established_batch_cache_resident",
     "new_flow_cache_resident",
+    "new_flow_batch_cache_resident",
 ];
 const SERVICES: [usize; 3] = [10, 1_000, 10_000];
 

@@ -2,12 +2,13 @@
 //! --tool=callgrind`):
 //!
 //! ```text
-//! pipeline_profile <services> <established|new_flow> <batches> [tracked flows] [capacity]
+//! pipeline_profile <services> <established|new_flow> <batches> [tracked flows] [capacity] [process|batch]
 //! ```
 //!
 //! Sets up like `benches/pipeline.rs` (tracked flows default 1,000,000, conntrack capacity
 //! default 2 Mi; a small capacity and few flows give a cache-resident run), runs `batches` batches of 64 frames and prints the rate (new flows are purged,
-//! untimed, whenever their pool is used up).
+//! untimed, whenever their pool is used up). The last argument picks the entry point:
+//! `process` (default: `Worker::process` per frame) or `batch` (`Worker::process_batch`).
 
 use std::time::{Duration, Instant};
 
@@ -19,12 +20,18 @@ use kxp_dataplane::pipeline::{Worker, BATCH_SIZE};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let usage =
-        "usage: pipeline_profile <services> <established|new_flow> <batches> [tracked] [capacity]";
+        "usage: pipeline_profile <services> <established|new_flow> <batches> [tracked] [capacity] \
+         [process|batch]";
     let services: usize = args.get(1).and_then(|s| s.parse().ok()).expect(usage);
     let mode = args.get(2).expect(usage).clone();
     let batches: u64 = args.get(3).and_then(|s| s.parse().ok()).expect(usage);
     let tracked: u64 = args.get(4).map_or(1_000_000, |s| s.parse().expect(usage));
     let capacity: usize = args.get(5).map_or(1 << 21, |s| s.parse().expect(usage));
+    let batch_api = match args.get(6).map(String::as_str) {
+        None | Some("process") => false,
+        Some("batch") => true,
+        _ => panic!("{usage}"),
+    };
     let pool: u64 = (1 << 19).min(capacity as u64 - tracked);
 
     let cluster = Cluster::build(ClusterSpec::with_services(services));
@@ -46,7 +53,11 @@ fn main() {
         let n = (batches - done).min(room);
         let (t, c) = (Instant::now(), thread_cpu_time());
         for _ in 0..n {
-            runner.batch(&mut worker, &cluster.tables, &set);
+            if batch_api {
+                runner.batch_prefetch(&mut worker, &cluster.tables, &set);
+            } else {
+                runner.batch(&mut worker, &cluster.tables, &set);
+            }
         }
         timed += t.elapsed();
         cpu += thread_cpu_time() - c;
@@ -59,8 +70,13 @@ fn main() {
     }
     let frames = done * BATCH_SIZE as u64;
     eprintln!(
-        "{mode}/{services}: {frames} frames in {timed:.2?} wall, {cpu:.2?} CPU: \
+        "{mode}/{services} ({}): {frames} frames in {timed:.2?} wall, {cpu:.2?} CPU: \
          {:.1} ns per frame wall ({:.3} Mpps), {:.1} ns per frame CPU ({:.3} Mpps); dropped {}",
+        if batch_api {
+            "process_batch"
+        } else {
+            "process"
+        },
         timed.as_nanos() as f64 / frames as f64,
         frames as f64 / timed.as_secs_f64() / 1e6,
         cpu.as_nanos() as f64 / frames as f64,
