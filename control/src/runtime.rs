@@ -49,6 +49,7 @@ use kxp_dataplane::verdict::{Counters, DropReason};
 
 use crate::controller::{Controller, ControllerConfig, ControllerHandle};
 use crate::ops::{Metrics, OpsServer};
+use crate::source::kube::{ClusterAccess, KubeSource, KubeSourceConfig};
 use crate::source::manifest_watch::{ManifestWatch, ManifestWatchConfig};
 
 /// When to recompute full TCP/UDP checksums of frames from an interface.
@@ -77,7 +78,11 @@ impl std::str::FromStr for ChecksumMode {
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub node: PathBuf,
+    /// The manifests watched for Services and EndpointSlices (unless [`RunConfig::kube`]).
     pub manifests: PathBuf,
+    /// Watch the Kubernetes API (Services, EndpointSlices, this node's Node) instead of
+    /// the manifests.
+    pub kube: Option<ClusterAccess>,
     /// Receive queues, one worker each.
     pub queues: Vec<u32>,
     /// Cores to pin the workers to, in worker order; empty: every core but the first,
@@ -110,6 +115,7 @@ impl RunConfig {
         Self {
             node: node.into(),
             manifests: manifests.into(),
+            kube: None,
             queues: vec![0],
             cores: Vec::new(),
             pod_interfaces: Vec::new(),
@@ -561,6 +567,7 @@ pub struct Runtime {
     stats: Arc<Vec<Mutex<WorkerStats>>>,
     controller: Option<ControllerHandle>,
     watch: Option<ManifestWatch>,
+    kube: Option<KubeSource>,
     ops: Option<OpsServer>,
     control: Arc<TablePublisher>,
     publisher: Arc<TablePublisher>,
@@ -648,8 +655,21 @@ impl Runtime {
             ControllerConfig::default(),
         );
         let (tx, rx) = mpsc::channel();
-        let watch = ManifestWatch::spawn(ManifestWatchConfig::new(&cfg.manifests), tx)
-            .map_err(|e| RunError::Setup(format!("manifests watch: {e}")))?;
+        // One source of truth: the Kubernetes API, or the manifests (the default).
+        let (watch, kube) = match &cfg.kube {
+            Some(access) => {
+                let source =
+                    KubeSource::start(KubeSourceConfig::new(access.clone()), node.name.clone(), tx)
+                        .map_err(|e| RunError::Setup(format!("kubernetes source: {e}")))?;
+                tracing::info!(node = %node.name, "watching the Kubernetes API");
+                (None, Some(source))
+            }
+            None => {
+                let watch = ManifestWatch::spawn(ManifestWatchConfig::new(&cfg.manifests), tx)
+                    .map_err(|e| RunError::Setup(format!("manifests watch: {e}")))?;
+                (Some(watch), None)
+            }
+        };
         let controller = controller
             .spawn(rx)
             .map_err(|e| RunError::Setup(format!("controller: {e}")))?;
@@ -696,7 +716,8 @@ impl Runtime {
             workers: Vec::new(),
             stats,
             controller: Some(controller),
-            watch: Some(watch),
+            watch,
+            kube,
             ops,
             control,
             publisher,
@@ -1045,6 +1066,9 @@ impl Runtime {
         }
         if let Some(w) = self.watch.take() {
             w.stop();
+        }
+        if let Some(k) = self.kube.take() {
+            k.stop();
         }
         if let Some(o) = self.ops.take() {
             o.stop();

@@ -291,9 +291,17 @@ struct RunArgs {
     /// The node file (interfaces of kind uplink and pod get AF_XDP sockets).
     #[arg(long)]
     node: PathBuf,
-    /// Kubernetes manifests: a YAML/JSON file or a directory of them, watched.
-    #[arg(long)]
-    manifests: PathBuf,
+    /// Kubernetes manifests: a YAML/JSON file or a directory of them, watched (the
+    /// embedded default source).
+    #[arg(long, required_unless_present_any = ["kube", "kubeconfig"])]
+    manifests: Option<PathBuf>,
+    /// Watch the Kubernetes API instead of manifests ($KUBECONFIG or ~/.kube/config if
+    /// present, else the in-cluster service account). The node is the node file's `name`.
+    #[arg(long, conflicts_with = "manifests")]
+    kube: bool,
+    /// Watch the Kubernetes API through this kubeconfig (its current context).
+    #[arg(long, conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
     /// Workers, one per receive queue 0..N (ignored when --queues is given).
     #[arg(long, default_value_t = 1)]
     workers: u32,
@@ -395,7 +403,14 @@ fn run_node(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut cfg = RunConfig::new(&args.node, &args.manifests);
+    let mut cfg = RunConfig::new(&args.node, args.manifests.clone().unwrap_or_default());
+    if args.manifests.is_none() {
+        use kxp_control::source::kube::ClusterAccess;
+        cfg.kube = Some(match &args.kubeconfig {
+            Some(path) => ClusterAccess::Kubeconfig(path.clone()),
+            None => ClusterAccess::Infer,
+        });
+    }
     cfg.queues = if args.queues.is_empty() {
         (0..args.workers.max(1)).collect()
     } else {

@@ -234,12 +234,12 @@ impl Node {
         let _ = std::fs::remove_file(self.ready_file());
         let log = std::fs::File::create(self.dir.join("kxp.log")).expect("log file");
         let mut c = self.cmd("node", env!("CARGO_BIN_EXE_kxp"));
-        c.arg("run")
-            .arg("--node")
-            .arg(self.dir.join("node.yaml"))
-            .arg("--manifests")
-            .arg(self.manifests())
-            .arg("--ready-file")
+        c.arg("run").arg("--node").arg(self.dir.join("node.yaml"));
+        // The manifests are the source unless the test points kxp at an API server.
+        if !extra.iter().any(|a| *a == "--kubeconfig" || *a == "--kube") {
+            c.arg("--manifests").arg(self.manifests());
+        }
+        c.arg("--ready-file")
             .arg(self.ready_file())
             .args(extra)
             .env("RUST_LOG", "info")
