@@ -42,9 +42,12 @@ use std::time::{Duration, Instant};
 
 use kxp_dataplane::driver::afxdp::steer::{Steering, STAT_NAMES};
 use kxp_dataplane::driver::afxdp::{AfxdpConfig, AfxdpWorker, DriverCounters, PortSpec};
+use kxp_dataplane::flow::L4Proto;
 use kxp_dataplane::pipeline::{Tables, Worker, WorkerConfig};
 use kxp_dataplane::publish::TablePublisher;
-use kxp_dataplane::tables::{IfaceId, IfaceKind, Interface, Neighbour, NodeTable, ServiceTable};
+use kxp_dataplane::tables::{
+    FrontendKind, IfaceId, IfaceKind, Interface, Neighbour, NodeTable, ServiceTable,
+};
 use kxp_dataplane::verdict::{Counters, DropReason};
 
 use crate::controller::{Controller, ControllerConfig, ControllerHandle};
@@ -391,10 +394,67 @@ pub fn with_neighbours(base: &NodeTable, learned: &[KernelNeighbour]) -> NodeTab
 /// source is the node, so the flow is masqueraded), and replies come back out of `NAME-k`
 /// to the node address. Created at start (replacing a stale pair a crashed run left),
 /// deleted (with its routes) at stop.
+///
+/// Beyond ClusterIPs, the node's own traffic to LoadBalancer ingress IPs and ExternalIPs
+/// (a /32 or /128 route each, kept in step with the tables) and to its own NodePorts
+/// takes the same way. A NodePort is on a local address, which the kernel's `local`
+/// routing table would deliver before any route is looked at; so the `local` rule is
+/// moved behind a rule that sends locally originated TCP/UDP/SCTP to the node's NodePort
+/// addresses and ports (the span of the NodePorts in use) to a table of its own routing
+/// into the stack side, as kube-proxy's OUTPUT chain would DNAT it. Replies then come
+/// from a local address on `NAME`, hence `accept_local` there. Everything is undone at
+/// stop; a start after a crash removes what the crashed run left.
 #[derive(Debug)]
 pub struct HostVeth {
     name: String,
+    /// MAC of the kxp side (the next hop's neighbour entry).
+    kxp_mac: Option<String>,
+    /// LoadBalancer and ExternalIP addresses routed into the stack side.
+    routed: std::collections::BTreeSet<IpAddr>,
+    /// The NodePort policy rules installed.
+    node_port_rules: Vec<NodePortRule>,
 }
+
+/// One policy rule sending the node's own traffic for its NodePorts to [`HOST_TABLE`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodePortRule {
+    addr: IpAddr,
+    proto: &'static str,
+    ports: (u16, u16),
+}
+
+impl NodePortRule {
+    fn args(&self, op: &'static str) -> Vec<String> {
+        let family = if self.addr.is_ipv4() { "-4" } else { "-6" };
+        let prefix = if self.addr.is_ipv4() { 32 } else { 128 };
+        [
+            family,
+            "rule",
+            op,
+            "pref",
+            HOST_RULE_PREF,
+            "to",
+            &format!("{}/{prefix}", self.addr),
+            "iif",
+            "lo",
+            "ipproto",
+            self.proto,
+            "dport",
+            &format!("{}-{}", self.ports.0, self.ports.1),
+            "lookup",
+            HOST_TABLE,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+}
+
+/// Policy rule preference of the NodePort rules, and where the `local` rule moves to
+/// (behind them; the kernel's default is 0).
+const HOST_RULE_PREF: &str = "100";
+const LOCAL_RULE_PREF: &str = "200";
+/// The routing table holding the default routes into the host veth.
+const HOST_TABLE: &str = "7877";
 
 /// Next hop of the host veth's routes: a neighbour entry pointing at the kxp side.
 const HOST_GW_V4: &str = "169.254.77.1";
@@ -452,8 +512,17 @@ impl HostVeth {
             "1",
         ])
         .map_err(RunError::Setup)?;
-        let me = Self { name: name.into() };
+        let me = Self {
+            name: name.into(),
+            kxp_mac: None,
+            routed: Default::default(),
+            node_port_rules: Vec::new(),
+        };
+        // A crashed run's NodePort rules (the `local` rule is put back in front first).
+        Self::restore_local_rule();
         let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0");
+        // Replies to the node's own NodePort connections come from a local address.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/accept_local"), "1");
         ip_cmd(&["link", "set", "dev", name, "up"]).map_err(RunError::Setup)?;
         ip_cmd(&["link", "set", "dev", &k, "up"]).map_err(RunError::Setup)?;
         Ok(me)
@@ -489,13 +558,40 @@ impl HostVeth {
     }
 
     /// Routes the service CIDRs into the stack side.
-    pub fn route(&self, node: &NodeTable, links: &[KernelLink]) -> Result<(), RunError> {
+    pub fn route(&mut self, node: &NodeTable, links: &[KernelLink]) -> Result<(), RunError> {
         let k = Self::kxp_side(&self.name);
         let kmac = links
             .iter()
             .find(|l| l.name == k)
             .map(|l| fmt_mac(&l.mac))
             .ok_or_else(|| RunError::Setup(format!("host veth {k} vanished")))?;
+        self.kxp_mac = Some(kmac.clone());
+        for (family, gw) in [("-4", HOST_GW_V4), ("-6", HOST_GW_V6)] {
+            let has_address = node
+                .addresses
+                .iter()
+                .any(|a| a.is_ipv4() == (family == "-4"));
+            if !has_address {
+                continue;
+            }
+            ip_cmd(&[
+                "neigh",
+                "replace",
+                gw,
+                "lladdr",
+                &kmac,
+                "dev",
+                &self.name,
+                "nud",
+                "permanent",
+            ])
+            .map_err(RunError::Setup)?;
+            ip_cmd(&[
+                family, "route", "replace", "default", "via", gw, "dev", &self.name, "onlink",
+                "table", HOST_TABLE,
+            ])
+            .map_err(RunError::Setup)?;
+        }
         for cidr in &node.service_cidrs {
             let Some((_, src)) = node.masquerade_address(&cidr.addr()) else {
                 continue;
@@ -535,8 +631,165 @@ impl HostVeth {
     }
 }
 
+impl HostVeth {
+    /// Brings the node's own routes to LoadBalancer IPs, ExternalIPs and NodePorts in step
+    /// with `tables` (see the type's docs). Failures are logged; the data path is not
+    /// affected by them.
+    pub fn sync_services(&mut self, tables: &Tables) {
+        let node = &tables.node;
+        let mut want = std::collections::BTreeSet::new();
+        let mut node_ports: HashMap<(IpAddr, &'static str), (u16, u16)> = HashMap::new();
+        for (key, fe) in tables.services.frontends() {
+            match fe.kind {
+                FrontendKind::LoadBalancer | FrontendKind::ExternalIp => {
+                    // An address of the node's own is reached by the NodePort way or not
+                    // at all (kube-proxy does not DNAT local traffic to it either).
+                    if !node.is_node_address(&key.addr) {
+                        want.insert(key.addr);
+                    }
+                }
+                FrontendKind::NodePort => {
+                    let proto = match key.proto {
+                        L4Proto::Tcp => "tcp",
+                        L4Proto::Udp => "udp",
+                        L4Proto::Sctp => "sctp",
+                    };
+                    let span = node_ports
+                        .entry((key.addr, proto))
+                        .or_insert((key.port, key.port));
+                    span.0 = span.0.min(key.port);
+                    span.1 = span.1.max(key.port);
+                }
+                FrontendKind::ClusterIp => {}
+            }
+        }
+        for addr in self.routed.difference(&want).copied().collect::<Vec<_>>() {
+            let family = if addr.is_ipv4() { "-4" } else { "-6" };
+            let _ = ip_cmd(&[family, "route", "del", &addr.to_string(), "dev", &self.name]);
+            self.routed.remove(&addr);
+        }
+        for addr in want {
+            if self.routed.contains(&addr) {
+                continue;
+            }
+            let Some((_, src)) = node.masquerade_address(&addr) else {
+                continue;
+            };
+            let (family, gw) = if addr.is_ipv4() {
+                ("-4", HOST_GW_V4)
+            } else {
+                ("-6", HOST_GW_V6)
+            };
+            match ip_cmd(&[
+                family,
+                "route",
+                "replace",
+                &addr.to_string(),
+                "via",
+                gw,
+                "dev",
+                &self.name,
+                "src",
+                &src.to_string(),
+                "onlink",
+            ]) {
+                Ok(()) => {
+                    self.routed.insert(addr);
+                }
+                Err(e) => tracing::warn!(error = %e, %addr, "no host route to a service address"),
+            }
+        }
+        let mut rules: Vec<NodePortRule> = node_ports
+            .into_iter()
+            .map(|((addr, proto), ports)| NodePortRule { addr, proto, ports })
+            .collect();
+        rules.sort_by_key(|r| (r.addr, r.proto, r.ports));
+        if rules == self.node_port_rules {
+            return;
+        }
+        for r in std::mem::take(&mut self.node_port_rules) {
+            let _ = ip_args(&r.args("del"));
+        }
+        if rules.is_empty() {
+            Self::restore_local_rule();
+            return;
+        }
+        for family in ["-4", "-6"] {
+            let wanted = rules.iter().any(|r| r.addr.is_ipv4() == (family == "-4"));
+            if wanted && !rule_exists(family, LOCAL_RULE_PREF) {
+                // Behind ours: add the moved copy first, then drop the one in front.
+                if let Err(e) = ip_cmd(&[
+                    family,
+                    "rule",
+                    "add",
+                    "pref",
+                    LOCAL_RULE_PREF,
+                    "lookup",
+                    "local",
+                ]) {
+                    tracing::warn!(error = %e, "cannot move the local routing rule: the node's own NodePort traffic stays local");
+                    continue;
+                }
+                let _ = ip_cmd(&[family, "rule", "del", "pref", "0", "lookup", "local"]);
+            }
+        }
+        for r in rules {
+            match ip_args(&r.args("add")) {
+                Ok(()) => self.node_port_rules.push(r),
+                Err(e) => tracing::warn!(error = %e, "no NodePort rule for the node's own traffic"),
+            }
+        }
+    }
+
+    /// Puts the `local` rule back at preference 0 and removes the NodePort rules (ours,
+    /// possibly a crashed run's).
+    fn restore_local_rule() {
+        for family in ["-4", "-6"] {
+            // Bounded: one rule goes per successful delete.
+            for _ in 0..4096 {
+                if ip_cmd(&[family, "rule", "del", "pref", HOST_RULE_PREF]).is_err() {
+                    break;
+                }
+            }
+            if rule_exists(family, LOCAL_RULE_PREF) {
+                if !rule_exists(family, "0") {
+                    let _ = ip_cmd(&[family, "rule", "add", "pref", "0", "lookup", "local"]);
+                }
+                let _ = ip_cmd(&[
+                    family,
+                    "rule",
+                    "del",
+                    "pref",
+                    LOCAL_RULE_PREF,
+                    "lookup",
+                    "local",
+                ]);
+            }
+        }
+    }
+}
+
+/// Whether a `local` lookup rule exists at preference `pref`.
+fn rule_exists(family: &str, pref: &str) -> bool {
+    Command::new("ip")
+        .args([family, "rule", "list", "pref", pref])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("lookup local"))
+}
+
+fn ip_args(args: &[String]) -> Result<(), String> {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ip_cmd(&args)
+}
+
 impl Drop for HostVeth {
     fn drop(&mut self) {
+        for r in std::mem::take(&mut self.node_port_rules) {
+            let _ = ip_args(&r.args("del"));
+        }
+        Self::restore_local_rule();
+        let _ = ip_cmd(&["-4", "route", "flush", "table", HOST_TABLE]);
+        let _ = ip_cmd(&["-6", "route", "flush", "table", HOST_TABLE]);
         if let Err(e) = ip_cmd(&["link", "del", "dev", &self.name]) {
             tracing::warn!(error = %e, "host veth not deleted");
         }
@@ -603,12 +856,12 @@ impl Runtime {
             ));
         }
         let mut node = crate::node::load_node_file(&cfg.node)?;
-        let host_veth = match &cfg.host_veth {
+        let mut host_veth = match &cfg.host_veth {
             Some(name) => Some(HostVeth::create(name)?),
             None => None,
         };
         let links = kernel_links().map_err(RunError::Setup)?;
-        if let Some(h) = &host_veth {
+        if let Some(h) = &mut host_veth {
             h.add_to(&mut node, &links)?;
             h.route(&node, &links)?;
         }
@@ -903,6 +1156,11 @@ impl Runtime {
         self.publisher.publish(tables.clone());
         if let Some(s) = &mut self.steering {
             s.sync(&tables)?;
+        }
+        if let Some(h) = &mut self.host_veth {
+            if force || services_changed || node_changed {
+                h.sync_services(&tables);
+            }
         }
         Ok(true)
     }
