@@ -38,20 +38,20 @@
 //!   uses the ops [`Metrics`]' `/healthz` verdict), as kube-proxy consults its healthz
 //!   server.
 //!
-//! Small `std::net` servers, like [`ops`](crate::ops): one accept thread per address, a
-//! thread per connection, at most [`MAX_CONNECTIONS`] connections at once over all
-//! servers (more are closed unanswered), a request head of at most
+//! The servers are [`crate::http`]'s, like [`ops`](crate::ops)': one accept thread per
+//! address, a thread per connection, at most [`MAX_CONNECTIONS`] connections at once over
+//! all servers (more are closed unanswered), a request head of at most
 //! [`MAX_REQUEST_BYTES`] read within [`IO_TIMEOUT`], one request per connection.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::compile::HealthCheckNodePort;
+use crate::http::{ConnectionLimit, HttpServer, Limits, OverCapacity, Request, Response};
 use crate::ops::Metrics;
 
 /// Connections served at once, over every health check server.
@@ -122,7 +122,7 @@ pub struct HealthCheckServers {
     config: HealthCheckConfig,
     proxy_healthy: ProxyHealth,
     services: Mutex<BTreeMap<(String, String), Instance>>,
-    connections: Arc<AtomicUsize>,
+    connections: ConnectionLimit,
 }
 
 impl std::fmt::Debug for HealthCheckServers {
@@ -148,7 +148,7 @@ impl HealthCheckServers {
             config,
             proxy_healthy: Arc::new(|| true),
             services: Mutex::new(BTreeMap::new()),
-            connections: Arc::new(AtomicUsize::new(0)),
+            connections: ConnectionLimit::new(MAX_CONNECTIONS),
         }
     }
 
@@ -248,11 +248,11 @@ impl HealthCheckServers {
         let mut listeners = Vec::with_capacity(self.config.addresses.len());
         for ip in &self.config.addresses {
             let addr = SocketAddr::new(*ip, port);
-            let listener = Listener::spawn(
+            let listener = spawn_listener(
                 addr,
                 Arc::clone(state),
                 Arc::clone(&self.proxy_healthy),
-                Arc::clone(&self.connections),
+                self.connections.clone(),
             )
             .map_err(|e| (addr, e))?;
             listeners.push(listener);
@@ -270,7 +270,7 @@ impl HealthCheckServers {
                     name.clone(),
                     i.port,
                     i.state.local_endpoints.load(Ordering::SeqCst),
-                    i.listeners.iter().map(|l| l.addr).collect(),
+                    i.listeners.iter().map(|l| l.local_addr()).collect(),
                 )
             })
             .collect()
@@ -289,102 +289,37 @@ impl Drop for HealthCheckServers {
     }
 }
 
-/// One accept thread on one address. Dropping it stops and joins the thread, which closes
-/// the socket.
-#[derive(Debug)]
-struct Listener {
+/// One server on one address (dropping it stops it and closes the port).
+type Listener = HttpServer;
+
+/// Serves `state` on `addr`: any method, any path (kube-proxy's handler looks at neither).
+fn spawn_listener(
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Listener {
-    fn spawn(
-        addr: SocketAddr,
-        state: Arc<ServiceState>,
-        healthy: ProxyHealth,
-        connections: Arc<AtomicUsize>,
-    ) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr)?;
-        let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::Builder::new()
-            .name("kxp-healthcheck".into())
-            .spawn({
-                let stop = Arc::clone(&stop);
-                move || accept_loop(&listener, &state, &healthy, &connections, &stop)
-            })?;
-        Ok(Self {
-            addr,
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept with a connection of our own.
-        let mut wake = self.addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake.ip() {
-                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            });
+    state: Arc<ServiceState>,
+    healthy: ProxyHealth,
+    connections: ConnectionLimit,
+) -> io::Result<Listener> {
+    let limits = Limits {
+        max_request_bytes: MAX_REQUEST_BYTES,
+        io_timeout: IO_TIMEOUT,
+        over_capacity: OverCapacity::Close,
+    };
+    let handler = move |_: &Request<'_>| {
+        let healthy = healthy();
+        let count = state.local_endpoints.load(Ordering::SeqCst);
+        Response {
+            status: if count != 0 && healthy { 200 } else { 503 },
+            content_type: "application/json",
+            body: response_body(&state.namespace, &state.name, count, healthy),
         }
-        match TcpStream::connect_timeout(&wake, Duration::from_secs(1)) {
-            Ok(_) => {
-                let _ = thread.join();
-            }
-            // Cannot wake it: it exits (and closes the port) at its next connection.
-            Err(e) => {
-                tracing::warn!(addr = %self.addr, error = %e, "health check server not joined");
-            }
-        }
-    }
-}
-
-fn accept_loop(
-    listener: &TcpListener,
-    state: &Arc<ServiceState>,
-    healthy: &ProxyHealth,
-    connections: &Arc<AtomicUsize>,
-    stop: &AtomicBool,
-) {
-    for conn in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                // Out of file descriptors and the like: do not spin.
-                tracing::debug!(error = %e, "health check accept failed");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        if connections.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            connections.fetch_sub(1, Ordering::SeqCst);
-            continue; // closed unanswered
-        }
-        let state = Arc::clone(state);
-        let healthy = Arc::clone(healthy);
-        let done = Arc::clone(connections);
-        let spawned = std::thread::Builder::new()
-            .name("kxp-healthcheck-conn".into())
-            .spawn(move || {
-                serve(stream, &state, healthy());
-                done.fetch_sub(1, Ordering::SeqCst);
-            });
-        if spawned.is_err() {
-            connections.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
+    };
+    HttpServer::bind(
+        addr,
+        "kxp-healthcheck",
+        limits,
+        connections,
+        Arc::new(handler),
+    )
 }
 
 /// kube-proxy's answer body for a service (namespace, name, count, proxy health).
@@ -397,80 +332,12 @@ pub fn response_body(namespace: &str, name: &str, local_endpoints: usize, health
     )
 }
 
-/// Reads one request head and answers it.
-fn serve(mut stream: TcpStream, state: &ServiceState, healthy: bool) {
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
-    let mut len = 0;
-    let head_end = loop {
-        if let Some(end) = find_head_end(&buf[..len]) {
-            break end;
-        }
-        if len == buf.len() {
-            let _ = write_response(&stream, 431, "request too large\n", "text/plain", false);
-            return;
-        }
-        match stream.read(&mut buf[len..]) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => len += n,
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]);
-    let line = head.lines().next().unwrap_or("");
-    let mut parts = line.split(' ');
-    let (Some(method), Some(_target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        let _ = write_response(&stream, 400, "bad request\n", "text/plain", false);
-        return;
-    };
-    if !version.starts_with("HTTP/1.") {
-        let _ = write_response(&stream, 400, "bad request\n", "text/plain", false);
-        return;
-    }
-    let count = state.local_endpoints.load(Ordering::SeqCst);
-    let status = if count != 0 && healthy { 200 } else { 503 };
-    let body = response_body(&state.namespace, &state.name, count, healthy);
-    let _ = write_response(&stream, status, &body, "application/json", method == "HEAD");
-}
-
-/// The end of the request head (`\r\n\r\n`, or `\n\n` from lenient clients).
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n");
-    let lf = buf.windows(2).position(|w| w == b"\n\n");
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-fn write_response(
-    mut stream: &TcpStream,
-    status: u16,
-    body: &str,
-    content_type: &str,
-    head_only: bool,
-) -> io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        431 => "Request Header Fields Too Large",
-        _ => "Service Unavailable",
-    };
-    let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n\
-         X-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if !head_only {
-        out.push_str(body);
-    }
-    stream.write_all(out.as_bytes())?;
-    stream.flush()
-}
-
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::AtomicBool;
+
     use super::*;
 
     fn loopback() -> HealthCheckConfig {

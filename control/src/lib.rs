@@ -10,6 +10,7 @@ pub mod compile;
 pub mod controller;
 pub mod error;
 pub mod healthcheck;
+pub mod http;
 pub mod manifest;
 pub mod node;
 pub mod ops;

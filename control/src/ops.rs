@@ -60,11 +60,10 @@
 //! within [`IO_TIMEOUT`]; only `GET` and `HEAD`; one request per connection
 //! (`Connection: close`).
 
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kxp_dataplane::verdict::Counters;
@@ -78,6 +77,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::controller::TableCounts;
+use crate::http::{ConnectionLimit, HttpServer, Limits, OverCapacity, Request};
 
 /// kube-proxy's metrics port.
 pub const DEFAULT_METRICS_ADDR: SocketAddr =
@@ -487,23 +487,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
-/// An HTTP answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    pub status: u16,
-    pub content_type: &'static str,
-    pub body: String,
-}
-
-impl Response {
-    fn text(status: u16, body: &str) -> Self {
-        Self {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: format!("{body}\n"),
-        }
-    }
-}
+pub use crate::http::Response;
 
 /// What a server answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -557,25 +541,11 @@ pub fn route(metrics: &Metrics, routes: Routes, method: &str, target: &str) -> R
     }
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "",
-    }
-}
-
 /// A running ops server. Stopping (or dropping) it stops and joins its accept thread;
 /// connections being served finish on their own (within [`IO_TIMEOUT`]).
 #[derive(Debug)]
 pub struct OpsServer {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    server: HttpServer,
 }
 
 impl OpsServer {
@@ -591,160 +561,34 @@ impl OpsServer {
         metrics: Arc<Metrics>,
         routes: Routes,
     ) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr)?;
-        let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = std::thread::Builder::new().name("kxp-ops".into()).spawn({
-            let stop = Arc::clone(&stop);
-            move || accept_loop(listener, metrics, routes, stop)
-        })?;
-        Ok(Self {
+        let limits = Limits {
+            max_request_bytes: MAX_REQUEST_BYTES,
+            io_timeout: IO_TIMEOUT,
+            over_capacity: OverCapacity::Answer503,
+        };
+        let handler = move |r: &Request<'_>| {
+            if !r.target.starts_with('/') {
+                return Response::text(400, "bad request");
+            }
+            route(&metrics, routes, r.method, r.target)
+        };
+        let server = HttpServer::bind(
             addr,
-            stop,
-            thread: Some(thread),
-        })
+            "kxp-ops",
+            limits,
+            ConnectionLimit::new(MAX_CONNECTIONS),
+            Arc::new(handler),
+        )?;
+        Ok(Self { server })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.server.local_addr()
     }
 
-    pub fn stop(mut self) {
-        self.shutdown();
+    pub fn stop(self) {
+        self.server.stop();
     }
-
-    fn shutdown(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept with a connection of our own.
-        let mut wake = self.addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake.ip() {
-                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            });
-        }
-        match TcpStream::connect_timeout(&wake, Duration::from_secs(1)) {
-            Ok(_) => {
-                let _ = thread.join();
-            }
-            // Cannot wake it: leave the thread; it exits at its next connection.
-            Err(e) => tracing::warn!(addr = %self.addr, error = %e, "ops server not joined"),
-        }
-    }
-}
-
-impl Drop for OpsServer {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-fn accept_loop(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    routes: Routes,
-    stop: Arc<AtomicBool>,
-) {
-    let active = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                // Out of file descriptors and the like: do not spin.
-                tracing::debug!(error = %e, "ops accept failed");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::SeqCst);
-            let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-            let _ = write_response(&stream, &Response::text(503, "too many connections"), false);
-            continue;
-        }
-        let metrics = Arc::clone(&metrics);
-        let done = Arc::clone(&active);
-        let spawned = std::thread::Builder::new()
-            .name("kxp-ops-conn".into())
-            .spawn(move || {
-                serve(stream, &metrics, routes);
-                done.fetch_sub(1, Ordering::SeqCst);
-            });
-        if spawned.is_err() {
-            active.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
-
-/// Reads one request and answers it.
-fn serve(mut stream: TcpStream, metrics: &Metrics, routes: Routes) {
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let mut buf = vec![0u8; MAX_REQUEST_BYTES];
-    let mut len = 0;
-    let head_end = loop {
-        if let Some(end) = find_head_end(&buf[..len]) {
-            break end;
-        }
-        if len == buf.len() {
-            let _ = write_response(&stream, &Response::text(431, "request too large"), false);
-            return;
-        }
-        match stream.read(&mut buf[len..]) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => len += n,
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]);
-    let line = head.lines().next().unwrap_or("");
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        let _ = write_response(&stream, &Response::text(400, "bad request"), false);
-        return;
-    };
-    if !version.starts_with("HTTP/1.") || !target.starts_with('/') {
-        let _ = write_response(&stream, &Response::text(400, "bad request"), false);
-        return;
-    }
-    let response = route(metrics, routes, method, target);
-    let _ = write_response(&stream, &response, method == "HEAD");
-}
-
-/// The end of the request head (`\r\n\r\n`, or `\n\n` from lenient clients).
-fn find_head_end(buf: &[u8]) -> Option<usize> {
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n");
-    let lf = buf.windows(2).position(|w| w == b"\n\n");
-    match (crlf, lf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
-}
-
-fn write_response(mut stream: &TcpStream, r: &Response, head_only: bool) -> io::Result<()> {
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
-         X-Content-Type-Options: nosniff\r\nConnection: close\r\n",
-        r.status,
-        reason(r.status),
-        r.content_type,
-        r.body.len()
-    );
-    if r.status == 405 {
-        out.push_str("Allow: GET, HEAD\r\n");
-    }
-    out.push_str("\r\n");
-    if !head_only {
-        out.push_str(&r.body);
-    }
-    stream.write_all(out.as_bytes())?;
-    stream.flush()
 }
 
 #[cfg(test)]
