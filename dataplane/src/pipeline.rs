@@ -50,6 +50,11 @@ pub struct WorkerConfig {
     pub affinity_capacity: usize,
     /// Conntrack slots examined by each housekeeping pass.
     pub gc_budget: usize,
+    /// ICMP errors (time exceeded) this worker may generate per second, in bursts of up
+    /// to a twentieth of that; past it the frames are dropped as `icmp_rate_limited`. The
+    /// kernel's equivalent is `net.ipv4.icmp_msgs_per_sec` (1000). Port unreachable for
+    /// rejected services is not limited (kube-proxy's REJECT rules are not either).
+    pub icmp_errors_per_sec: u32,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +68,7 @@ impl Default for WorkerConfig {
             conntrack: ConntrackConfig::default(),
             affinity_capacity: 65536,
             gc_budget: 256,
+            icmp_errors_per_sec: 1000,
         }
     }
 }
@@ -85,6 +91,9 @@ pub struct Worker {
     snat_span: u16,
     /// Where the purge after a table change has got to; `None` when there is none.
     revalidate_cursor: Option<usize>,
+    /// ICMP error budget: tokens left, and when they were last topped up.
+    icmp_tokens: u32,
+    icmp_refilled_ns: u64,
 }
 
 impl Worker {
@@ -100,6 +109,8 @@ impl Worker {
             snat_lo,
             snat_span: span.min(u16::MAX as u32) as u16,
             revalidate_cursor: None,
+            icmp_tokens: icmp_burst(cfg.icmp_errors_per_sec),
+            icmp_refilled_ns: 0,
             cfg,
         }
     }
@@ -302,6 +313,9 @@ impl Worker {
             };
             let hop = match prepare_forward(&t.node, frame, &layout, dst) {
                 Ok(h) => h,
+                Err(DropReason::TtlExceeded) => {
+                    return self.time_exceeded(t, frame, layout, ingress, now_ns, scratch)
+                }
                 Err(r) => return Verdict::Drop(r),
             };
             self.conntrack.on_packet(m.id, m.dir, flags, now_ns);
@@ -440,6 +454,9 @@ impl Worker {
         }
         let hop = match prepare_forward(node, frame, &layout, backend.0) {
             Ok(h) => h,
+            Err(DropReason::TtlExceeded) => {
+                return self.time_exceeded(t, frame, layout, ingress, now_ns, scratch)
+            }
             Err(r) => return Verdict::Drop(r),
         };
         let is_tcp = key.proto == L4Proto::Tcp;
@@ -608,6 +625,61 @@ impl Worker {
         }
     }
 
+    /// The TTL or hop limit of a frame kxp would route ran out: ICMP time exceeded from
+    /// the node's address of the frame's family back to the sender, within the worker's
+    /// ICMP error budget. (An ICMP error about an ICMP error is never sent: those frames
+    /// do not come here.)
+    fn time_exceeded(
+        &mut self,
+        t: &Tables,
+        frame: &mut [u8],
+        layout: Layout,
+        ingress: IfaceId,
+        now_ns: u64,
+        scratch: &mut [u8],
+    ) -> Verdict {
+        let view = FrameMut::new(frame, layout);
+        let Some((_, from)) = t.node.masquerade_address(&view.src_addr()) else {
+            return Verdict::Drop(DropReason::TtlExceeded);
+        };
+        if !self.take_icmp_token(now_ns) {
+            return Verdict::Drop(DropReason::IcmpRateLimited);
+        }
+        let mac = t.node.interface(ingress).mac;
+        match reject::time_exceeded(&view, mac, from, scratch) {
+            Some(len) => Verdict::Reject {
+                iface: ingress,
+                len,
+                reason: RejectReason::TtlExceeded,
+            },
+            None => Verdict::Drop(DropReason::TtlExceeded),
+        }
+    }
+
+    /// Token bucket of [`WorkerConfig::icmp_errors_per_sec`].
+    fn take_icmp_token(&mut self, now_ns: u64) -> bool {
+        let rate = u64::from(self.cfg.icmp_errors_per_sec);
+        if rate == 0 {
+            return false;
+        }
+        let elapsed = now_ns.saturating_sub(self.icmp_refilled_ns);
+        let earned = elapsed.saturating_mul(rate) / 1_000_000_000;
+        if earned > 0 {
+            let burst = u64::from(icmp_burst(self.cfg.icmp_errors_per_sec));
+            self.icmp_tokens = (u64::from(self.icmp_tokens) + earned).min(burst) as u32;
+            // Keep the remainder: refill from when the last whole token was earned.
+            self.icmp_refilled_ns += earned * 1_000_000_000 / rate;
+            if self.icmp_tokens as u64 == burst {
+                self.icmp_refilled_ns = now_ns;
+            }
+        }
+        if self.icmp_tokens == 0 {
+            return false;
+        }
+        self.icmp_tokens -= 1;
+        true
+    }
+
     /// An ICMP error quoting a packet of a tracked flow: rewrite the quoted packet and the
     /// outer header as the flow's NAT dictates and send it on towards the flow's other end.
     fn icmp_error(
@@ -683,6 +755,11 @@ fn flow_still_backed(t: &Tables, m: &crate::conntrack::FlowMatch) -> bool {
             .iter()
             .any(|b| b.addr == m.nat.backend && b.port == m.nat.backend_port)
     })
+}
+
+/// Tokens an ICMP error budget of `per_sec` holds at most.
+fn icmp_burst(per_sec: u32) -> u32 {
+    (per_sec / 20).max(u32::from(per_sec > 0))
 }
 
 /// Next hop and TTL for a frame about to be routed to `dst`; nothing is written yet

@@ -41,7 +41,8 @@ reasons! {
         BadL4Header => "bad_l4_header",
         /// A fragment addressed to a service frontend (kxp does not reassemble).
         Fragment => "fragment_to_service",
-        /// TTL or hop limit would expire here.
+        /// TTL or hop limit would expire here, and no ICMP time exceeded could be sent
+        /// (the frame is an ICMP error itself, or its sender is not a single host).
         TtlExceeded => "ttl_exceeded",
         /// Address inside a service CIDR that no service owns.
         UnallocatedServiceIp => "unallocated_service_ip",
@@ -63,6 +64,9 @@ reasons! {
         RejectNotPossible => "reject_not_possible",
         /// A backend of the other IP family than the client (a table bug; counted, not NATed).
         FamilyMismatch => "family_mismatch",
+        /// An ICMP error was due (time exceeded) but the worker's ICMP error budget
+        /// ([`crate::pipeline::WorkerConfig::icmp_errors_per_sec`]) was spent.
+        IcmpRateLimited => "icmp_rate_limited",
     }
 }
 
@@ -84,21 +88,26 @@ reasons! {
     }
 }
 
-/// Why a frame was answered with a reject.
+/// Why a frame was answered with an ICMP error instead of being forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectReason {
-    /// The service has no usable endpoint.
+    /// The service has no usable endpoint (port unreachable, as kube-proxy's REJECT).
     NoEndpoints,
-    /// A ClusterIP on a port the service does not expose.
+    /// A ClusterIP on a port the service does not expose (port unreachable).
     UnknownPort,
+    /// The TTL or hop limit would expire on the way through this node: ICMP time
+    /// exceeded from the node's address, as the kernel's forwarding path sends it.
+    TtlExceeded,
 }
 
 impl RejectReason {
-    pub const ALL: &'static [RejectReason] = &[Self::NoEndpoints, Self::UnknownPort];
+    pub const ALL: &'static [RejectReason] =
+        &[Self::NoEndpoints, Self::UnknownPort, Self::TtlExceeded];
     pub fn as_str(self) -> &'static str {
         match self {
             Self::NoEndpoints => "no_endpoints",
             Self::UnknownPort => "unknown_port",
+            Self::TtlExceeded => "ttl_exceeded",
         }
     }
 }
@@ -189,8 +198,8 @@ pub struct Counters {
     pub frames: u64,
     pub forwarded: [u64; 5],
     pub passed: [u64; 6],
-    pub dropped: [u64; 19],
-    pub rejected: [u64; 2],
+    pub dropped: [u64; 20],
+    pub rejected: [u64; 3],
     /// IPv4 frames with options (handled, counted for visibility).
     pub ipv4_options: u64,
     /// Frames that carried one 802.1Q tag.

@@ -337,6 +337,25 @@ pub fn forwarded(input: &Packet, to: &Peer, src: (IpAddr, u16), dst: (IpAddr, u1
 /// quoting as much of the offending IP packet as fits in 576 bytes (RFC 1812 §4.3.2.3) or
 /// the IPv6 minimum MTU (RFC 4443 §2.4 (c)); TTL 64, IPv4 identification 0 without DF;
 /// out of the ingress interface to the sender's MAC, on the same VLAN.
+/// The ICMP time exceeded (in transit) the node sends from `from` for `input`, whose TTL
+/// or hop limit ran out, out of the ingress interface: the whole packet quoted up to 576
+/// (IPv4) or 1280 (IPv6) bytes of answer.
+pub fn time_exceeded(input: &Packet, ingress: &Iface, from: IpAddr) -> Packet {
+    let mut p = rejected(input, ingress);
+    match (&mut p.ip, &mut p.l4, from) {
+        (Ip::V4 { src, .. }, L4::Icmp4(t, _), IpAddr::V4(from)) => {
+            *src = from;
+            *t = Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit);
+        }
+        (Ip::V6 { src, .. }, L4::Icmp6(t, _), IpAddr::V6(from)) => {
+            *src = from;
+            *t = Icmpv6Type::TimeExceeded(icmpv6::TimeExceededCode::HopLimitExceeded);
+        }
+        _ => panic!("time_exceeded: {from} is not of the input's family"),
+    }
+    p
+}
+
 pub fn rejected(input: &Packet, ingress: &Iface) -> Packet {
     let mut quote = input.ip_bytes();
     let (ip, l4) = match input.ip {

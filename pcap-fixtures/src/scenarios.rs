@@ -14,8 +14,8 @@ use crate::net::{self, ip, Peer, CLIENT, EXTERNAL, NODE_IP, WEB};
 use crate::packet::{arp_request, tcp::*, Ip, Packet, VlanTag, L4};
 use crate::policy::{key, maglev_pick, SnatAllocator};
 use crate::{
-    expect_drop, expect_forward, expect_pass, expect_reject, forwarded, rejected, send, tcp, udp,
-    Expect, Frame, Ingress, Scenario, EPOCH, FRAME_SPACING,
+    expect_drop, expect_forward, expect_pass, expect_reject, forwarded, rejected, send, tcp,
+    time_exceeded, udp, Expect, Frame, Ingress, Scenario, EPOCH, FRAME_SPACING,
 };
 
 /// Every scenario, in the order the README lists them.
@@ -1740,7 +1740,8 @@ reason and none panics: truncated Ethernet, truncated IPv4 header, IHL < 5, tota
 beyond the frame and below the header, bad IPv4 header checksum, wrong IP version for the
 EtherType, IPv6 payload length beyond the frame, TCP data offset beyond the segment, a
 truncated TCP header, UDP length beyond the datagram (all dropped); TTL 1 to a service
-(dropped, `ttl_exceeded`); fragments to a service address (dropped: kxp does not
+(answered with ICMP time exceeded from the node's address, as the kernel's forwarding path
+does: reject `ttl_exceeded`); fragments to a service address (dropped: kxp does not
 reassemble) and to a non-service address (passed). Frames that do not parse are taken to
 arrive on the first uplink (`--ingress auto` needs a source address). Also what must work:
 IPv4 options (Router Alert) to a ClusterIP, forwarded with the options intact and ports
@@ -1839,9 +1840,13 @@ passed to the kernel (`stacked_vlan`) without being looked into.",
     let mut p1 = p.clone();
     p1.ip.set_ttl(1);
     b.frame(
-        "TTL 1 to the ClusterIP",
+        "TTL 1 to the ClusterIP: time exceeded from the node",
         p1.bytes(),
-        expect_drop("ttl_exceeded", &CLIENT.iface),
+        expect_reject(
+            "ttl_exceeded",
+            &CLIENT.iface,
+            &time_exceeded(&p1, &CLIENT.iface, NODE_IP),
+        ),
     );
 
     // Fragments.
