@@ -20,8 +20,11 @@
 //!   discard port, rate-limited, so that the kernel resolves them.
 //! * **Workers**: one per receive queue (`--queues`, default `0..--workers`), each on a
 //!   thread pinned to a core of its own (core_affinity), each with one UMEM and one socket
-//!   per interface on its queue, each owning a slice of the SNAT port range so that
-//!   replies of masqueraded flows are steered back to it by port.
+//!   per interface on its queue, each owning a slice of the SNAT port range. With several
+//!   workers, frames that arrive at a worker not owning their flow are handed to the owner
+//!   through rings between every pair (`kxp_dataplane::driver::afxdp::handoff`).
+//! * **Pod interfaces** matching `--pod-interfaces` that appear or go while running are
+//!   picked up or dropped at each neighbour refresh ([`Runtime::wait`]).
 //! * **Steering**: the XDP program is loaded, its maps filled from the first tables, the
 //!   workers' sockets registered, and only then attached (through BPF links, which the
 //!   kernel removes if the process dies). A kxp program a crashed run left attached the
@@ -40,15 +43,18 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kxp_dataplane::driver::afxdp::handoff::{mesh, HandoffEnds};
 use kxp_dataplane::driver::afxdp::steer::{Steering, STAT_NAMES};
-use kxp_dataplane::driver::afxdp::{AfxdpConfig, AfxdpWorker, DriverCounters, PortSpec};
+use kxp_dataplane::driver::afxdp::{
+    AfxdpConfig, AfxdpWorker, DriverCounters, PortChange, PortChangeResult, PortSpec,
+};
 use kxp_dataplane::flow::L4Proto;
 use kxp_dataplane::pipeline::{Tables, Worker, WorkerConfig};
 use kxp_dataplane::publish::TablePublisher;
 use kxp_dataplane::tables::{
     FrontendKind, IfaceId, IfaceKind, Interface, Neighbour, NodeTable, ServiceTable,
 };
-use kxp_dataplane::verdict::{Counters, DropReason};
+use kxp_dataplane::verdict::{Counters, DropReason, ForwardReason};
 
 use crate::controller::{Controller, ControllerConfig, ControllerHandle};
 use crate::ops::{Metrics, OpsServer};
@@ -111,6 +117,8 @@ pub struct RunConfig {
     /// Create a veth pair `NAME` / `NAME-k` and route the service CIDRs into it, so that
     /// the node's own processes reach ClusterIPs through kxp (see [`HostVeth`]).
     pub host_veth: Option<String>,
+    /// Frames each hand-off ring between two workers holds.
+    pub handoff_capacity: usize,
 }
 
 impl RunConfig {
@@ -132,6 +140,7 @@ impl RunConfig {
             metrics_addr: None,
             ready_file: None,
             host_veth: None,
+            handoff_capacity: 1024,
         }
     }
 }
@@ -835,6 +844,13 @@ pub struct Runtime {
     /// The steering program's counters as they were when it was unloaded.
     final_xdp: Vec<(&'static str, u64)>,
     host_veth: Option<HostVeth>,
+    /// Pod interfaces that appeared after start (`--pod-interfaces`), in the order they
+    /// got their ids (after the controller's node table's interfaces). One that goes away
+    /// keeps its entry (and id) for when it comes back.
+    dynamic: Vec<Interface>,
+    /// Interface changes to each worker, and their answers.
+    port_changes: Vec<mpsc::Sender<PortChange>>,
+    port_results: Option<mpsc::Receiver<(u32, PortChangeResult)>>,
 }
 
 impl core::fmt::Debug for Runtime {
@@ -881,8 +897,8 @@ impl Runtime {
                     workers = cfg.queues.len(),
                     "more receive queues than workers: service traffic arriving on a queue \
                      without a worker reaches the kernel unhandled (counted as \
-                     pass_no_socket); give veths one queue (numrxqueues 1 numtxqueues 1) or \
-                     run a worker per queue"
+                     pass_no_socket); run a worker per receive queue (--workers/--queues) \
+                     or give veths one queue (numrxqueues 1 numtxqueues 1)"
                 );
             }
         }
@@ -983,6 +999,9 @@ impl Runtime {
             ready_written: false,
             final_xdp: Vec::new(),
             host_veth,
+            dynamic: Vec::new(),
+            port_changes: Vec::new(),
+            port_results: None,
         };
         rt.refresh_neighbours();
         rt.merge(true)?;
@@ -1037,7 +1056,7 @@ impl Runtime {
         for m in &self.managed {
             steering.set_interface_slot(m.link.ifindex, m.id.0 as u32)?;
         }
-        steering.set_snat_ranges(&ranges, self.cfg.snat_ports)?;
+        steering.set_workers(&ranges, self.cfg.snat_ports)?;
         steering.sync(&self.publisher.current())?;
         Ok(())
     }
@@ -1054,7 +1073,24 @@ impl Runtime {
             })
             .collect();
         let (ready_tx, ready_rx) = mpsc::channel();
+        let (results_tx, results_rx) = mpsc::channel();
+        self.port_results = Some(results_rx);
+        // Several workers: rings between every pair, for frames one receives and another
+        // owns (see kxp_dataplane::driver::afxdp::handoff).
+        let mut handoff: Vec<Option<HandoffEnds>> = if self.cfg.queues.len() > 1 {
+            mesh(self.cfg.queues.len(), self.cfg.handoff_capacity)
+                .map_err(|e| RunError::Setup(format!("hand-off rings: {e}")))?
+                .into_iter()
+                .map(Some)
+                .collect()
+        } else {
+            vec![None]
+        };
         for (i, &queue) in self.cfg.queues.clone().iter().enumerate() {
+            let ends = handoff[i].take();
+            let (changes_tx, changes_rx) = mpsc::channel();
+            self.port_changes.push(changes_tx);
+            let results = results_tx.clone();
             let core = if !self.cfg.cores.is_empty() {
                 let want = self.cfg.cores[i % self.cfg.cores.len()];
                 cores.iter().copied().find(|c| c.id == want)
@@ -1088,7 +1124,11 @@ impl Runtime {
                             return;
                         }
                     };
-                    io.set_reply_map(reply_map, snat, afxdp.reply_capacity);
+                    io.set_reply_map(reply_map, snat, afxdp.reply_capacity, i as u32);
+                    if let Some(ends) = ends {
+                        io.set_handoff(i as u32, ends);
+                    }
+                    io.set_port_changes(changes_rx, results);
                     let _ = ready.send((i, Ok(io.socket_fds())));
                     drop(ready);
                     let mut report = |w: &Worker, d: &DriverCounters| {
@@ -1143,7 +1183,10 @@ impl Runtime {
             return Ok(false);
         }
         let node = if force || node_changed {
-            Arc::new(with_neighbours(&ctrl.node, &self.learned))
+            Arc::new(with_neighbours(
+                &self.with_dynamic(&ctrl.node),
+                &self.learned,
+            ))
         } else {
             Arc::clone(&cur.node)
         };
@@ -1165,6 +1208,200 @@ impl Runtime {
         Ok(true)
     }
 
+    /// `base` with the interfaces that appeared after start.
+    fn with_dynamic(&self, base: &NodeTable) -> NodeTable {
+        let mut node = base.clone();
+        for i in &self.dynamic {
+            if node.interface_by_name(&i.name).is_none() {
+                node.add_interface(i.clone());
+            }
+        }
+        node
+    }
+
+    /// Follows `--pod-interfaces` at run time: a matching interface that appeared gets a
+    /// socket per worker, its steering slot and the program; a served one that matches
+    /// and went away (or was replaced: new index) is dropped from the workers and the
+    /// steering maps. Interfaces that do not match a pattern, and host and uplink ones,
+    /// are fixed.
+    fn refresh_interfaces(&mut self) {
+        if self.cfg.pod_interfaces.is_empty() || self.port_changes.is_empty() {
+            return;
+        }
+        let links = match kernel_links() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list interfaces");
+                return;
+            }
+        };
+        let matches = |name: &str| {
+            name != "lo"
+                && self.cfg.pod_interfaces.iter().any(|p| glob_match(p, name))
+                && self
+                    .base_node
+                    .interface_by_name(name)
+                    .is_none_or(|id| self.base_node.interface(id).kind == IfaceKind::Pod)
+        };
+        let gone: Vec<usize> = self
+            .managed
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| {
+                matches(&m.link.name)
+                    && !links
+                        .iter()
+                        .any(|l| l.name == m.link.name && l.ifindex == m.link.ifindex)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let new: Vec<KernelLink> = links
+            .iter()
+            .filter(|l| {
+                matches(&l.name)
+                    && !self
+                        .managed
+                        .iter()
+                        .any(|m| m.link.name == l.name && m.link.ifindex == l.ifindex)
+            })
+            .cloned()
+            .collect();
+        for i in gone.into_iter().rev() {
+            let m = self.managed.remove(i);
+            self.remove_interface(&m);
+        }
+        for link in new {
+            if let Err(e) = self.add_interface(&link) {
+                tracing::warn!(interface = %link.name, error = %e, "new pod interface not served");
+            }
+        }
+    }
+
+    /// Sends `change` to every worker and waits (bounded) for their answers.
+    fn change_ports(&mut self, change: PortChange) -> Vec<(u32, PortChangeResult)> {
+        let Some(results) = &self.port_results else {
+            return Vec::new();
+        };
+        let mut sent = 0;
+        for tx in &self.port_changes {
+            if tx.send(change.clone()).is_ok() {
+                sent += 1;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut out = Vec::new();
+        while out.len() < sent {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match results.recv_timeout(left) {
+                Ok(r) => out.push(r),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    fn remove_interface(&mut self, m: &ManagedInterface) {
+        if let Some(s) = &mut self.steering {
+            s.detach(&m.link.name);
+            if let Err(e) = s.remove_interface_slot(m.link.ifindex) {
+                tracing::warn!(interface = %m.link.name, error = %e, "steering slot not removed");
+            }
+        }
+        let answers = self.change_ports(PortChange::Remove(m.id));
+        tracing::info!(
+            interface = %m.link.name,
+            workers = answers.len(),
+            "pod interface gone: its sockets are closed"
+        );
+        self.refresh_neighbours();
+        if let Err(e) = self.merge(true) {
+            tracing::warn!(error = %e, "steering maps not updated");
+        }
+    }
+
+    fn add_interface(&mut self, link: &KernelLink) -> Result<(), String> {
+        let max_queue = *self.cfg.queues.iter().max().unwrap_or(&0);
+        if link.rx_queues <= max_queue {
+            return Err(format!(
+                "{} receive queue(s); queue {max_queue} does not exist",
+                link.rx_queues
+            ));
+        }
+        let ctrl = self.control.current();
+        // Back after going away: the same id, with the MAC it has now.
+        if let Some(i) = self.dynamic.iter_mut().find(|i| i.name == link.name) {
+            i.mac = link.mac;
+        }
+        let id = match self.with_dynamic(&ctrl.node).interface_by_name(&link.name) {
+            Some(id) => id,
+            None => {
+                let n = ctrl.node.interfaces.len() + self.dynamic.len();
+                if n >= kxp_dataplane::driver::afxdp::steer::MAX_IFACE_SLOTS as usize {
+                    return Err("too many interfaces".into());
+                }
+                self.dynamic.push(Interface {
+                    name: link.name.clone(),
+                    kind: IfaceKind::Pod,
+                    mac: link.mac,
+                });
+                IfaceId(n as u8)
+            }
+        };
+        if Steering::clear_stale(&link.name, link.ifindex).map_err(|e| e.to_string())? {
+            tracing::warn!(interface = %link.name, "detached a stale kxp XDP program");
+        }
+        let recompute = match self.cfg.checksum {
+            ChecksumMode::Always => true,
+            ChecksumMode::Never => false,
+            ChecksumMode::Auto => link.kind == "veth",
+        };
+        let spec = PortSpec {
+            iface: id,
+            name: link.name.clone(),
+            recompute_l4_checksum: recompute,
+        };
+        let answers = self.change_ports(PortChange::Add(spec));
+        let mut sockets = Vec::new();
+        let mut failed = None;
+        for (queue, res) in answers {
+            match res {
+                Ok(Some((_, _, fd))) => sockets.push((queue, fd)),
+                Ok(None) => {}
+                Err(e) => failed = Some(e),
+            }
+        }
+        let managed = ManagedInterface {
+            id,
+            link: link.clone(),
+            recompute_l4_checksum: recompute,
+        };
+        if failed.is_some() || sockets.len() != self.port_changes.len() {
+            let _ = self.change_ports(PortChange::Remove(id));
+            return Err(failed.unwrap_or_else(|| "not every worker answered".into()));
+        }
+        let steering = self.steering.as_mut().ok_or("steering not loaded")?;
+        steering
+            .set_interface_slot(link.ifindex, id.0 as u32)
+            .map_err(|e| e.to_string())?;
+        for (queue, fd) in sockets {
+            steering
+                .set_socket(id.0 as u32, queue, fd)
+                .map_err(|e| e.to_string())?;
+        }
+        self.managed.push(managed);
+        // The workers learn the interface (and its neighbours) before frames arrive on it.
+        self.refresh_neighbours();
+        self.merge(true).map_err(|e| e.to_string())?;
+        let steering = self.steering.as_mut().ok_or("steering not loaded")?;
+        if let Err(e) = steering.attach(&link.name, link.ifindex) {
+            self.managed.retain(|m| m.id != id);
+            let _ = self.change_ports(PortChange::Remove(id));
+            return Err(e.to_string());
+        }
+        tracing::info!(interface = %link.name, id = id.0, "pod interface added: steered to the workers");
+        Ok(())
+    }
+
     /// Re-reads the kernel's neighbour table; probes endpoints it cannot reach yet.
     fn refresh_neighbours(&mut self) {
         let names: HashSet<&str> = self.managed.iter().map(|m| m.link.name.as_str()).collect();
@@ -1184,7 +1421,7 @@ impl Runtime {
         }
         // Endpoints without a next hop: make the kernel resolve them.
         let tables = self.control.current();
-        let node = with_neighbours(&tables.node, &self.learned);
+        let node = with_neighbours(&self.with_dynamic(&tables.node), &self.learned);
         let now = Instant::now();
         let mut targets: Vec<IpAddr> = tables
             .services
@@ -1228,6 +1465,7 @@ impl Runtime {
             if last_neigh.elapsed() >= self.cfg.neighbour_refresh || no_route != no_route_seen {
                 no_route_seen = no_route;
                 last_neigh = Instant::now();
+                self.refresh_interfaces();
                 self.refresh_neighbours();
             }
             if let Err(e) = self.merge(false) {
@@ -1298,6 +1536,24 @@ impl Runtime {
             .iter()
             .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).flows)
             .sum();
+        if self.stats.len() > 1 {
+            // Per worker, the counters that show how traffic spread and moved between them.
+            for (i, s) in self.stats.iter().enumerate() {
+                let s = s.lock().unwrap_or_else(|e| e.into_inner());
+                let d = &s.driver;
+                for (n, v) in [
+                    ("rx_frames", d.rx_frames),
+                    ("tx_frames", d.tx_frames),
+                    ("handoff_frames", d.handoff_frames),
+                    ("handoff_queue_full", d.handoff_queue_full),
+                    ("handoff_received", d.handoff_received),
+                    ("new_flows", s.pipeline.forwarded(ForwardReason::NewFlow)),
+                    ("flows", s.flows as u64),
+                ] {
+                    out.push_str(&format!("  worker{i}.{n} {v}\n"));
+                }
+            }
+        }
         format!("kxp counters (flows tracked: {flows}):\n{out}")
     }
 

@@ -112,7 +112,7 @@ fn foreign_xdp_program_and_a_second_kxp_are_refused() {
     attach_legacy(&node, &iface, &obj);
 
     let out = node
-        .cmd("node", env!("CARGO_BIN_EXE_kxp"))
+        .cmd("node", &afxdp_util::kxp_bin())
         .arg("run")
         .arg("--node")
         .arg(node.dir.join("node.yaml"))
@@ -138,7 +138,7 @@ fn foreign_xdp_program_and_a_second_kxp_are_refused() {
     // A second kxp while one runs: refused, and the first keeps working.
     node.start_kxp(&[]);
     let out = node
-        .cmd("node", env!("CARGO_BIN_EXE_kxp"))
+        .cmd("node", &afxdp_util::kxp_bin())
         .arg("run")
         .arg("--node")
         .arg(node.dir.join("node.yaml"))

@@ -118,7 +118,7 @@ fn services_tcp_udp_hairpin_and_node_traffic() {
     assert!(counter(&log, "driver.l4_checksums_recomputed") > 0, "{log}");
     assert_eq!(counter(&log, "driver.pass_not_reinjected"), 0, "{log}");
     assert_eq!(counter(&log, "driver.tx_ring_full"), 0, "{log}");
-    assert_eq!(counter(&log, "xdp.drop_foreign_queue"), 0, "{log}");
+    assert_eq!(counter(&log, "xdp.drop_snat_unowned"), 0, "{log}");
     assert!(counter(&log, "driver.reply_tuples_added") > 0, "{log}");
     assert!(counter(&log, "xdp.redirect_snat_reply") > 0, "{log}");
 

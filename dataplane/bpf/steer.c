@@ -11,14 +11,29 @@
 //      unknown ports as kube-proxy does) and any address in a service CIDR
 //      (`service_cidrs`: kxp drops unallocated ones);
 //   3. replies of masqueraded flows: a node address (`node_addrs`) and a destination
-//      port in the SNAT range of the worker that owns this receive queue
-//      (`snat_ranges[rx_queue]`); a port in another worker's range is dropped and
-//      counted (STAT_FOREIGN_QUEUE: the reply came in on a queue whose worker does not
-//      hold the flow, and the kernel must not answer it with a reset);
+//      port in the SNAT range (`snat_ranges[MAX_QUEUES]`); a port no worker owns
+//      (`snat_owner`) is dropped and counted (STAT_SNAT_UNOWNED: the kernel must not
+//      answer it with a reset);
 //   4. replies of flows kxp translated without masquerading (a pod's connection to a
 //      ClusterIP, external traffic under externalTrafficPolicy Local): the exact reply
 //      tuple in `replies`, which the workers keep in step in batches;
 //   5. fragments addressed to a service address (kxp drops and counts them).
+//
+// Ownership. Conntrack is per worker and AF_XDP can only deliver a frame to the socket of
+// the queue it arrived on, so with several workers a frame may reach a worker that does
+// not hold its flow. The program tells the receiving worker who does: every redirected
+// frame carries 8 bytes of XDP metadata (bpf_xdp_adjust_meta; copy-mode AF_XDP copies
+// them into the UMEM right in front of the frame): KXP_META_MAGIC and the owning worker's
+// index, or KXP_NO_OWNER when any worker may take it (a new flow). The owner of
+//   * a masqueraded reply is the worker whose SNAT share holds the port (`snat_owner`);
+//   * a reply of an unmasqueraded flow is the value of its tuple in `replies`;
+//   * a later frame of a flow in the original direction is the value of its (wire)
+//     tuple in `replies` (the workers insert the original tuple of each new flow too
+//     when there are several of them);
+//   * anything else is nobody's yet (KXP_NO_OWNER).
+// The worker hands frames it does not own to their owner (driver/afxdp/handoff.rs).
+// STAT_OTHER_OWNER counts frames steered to a queue whose worker (`queue_workers`) is not
+// their owner, i.e. frames that userspace must hand over.
 //
 // Self-contained (no system headers) so that any clang with the BPF target builds it.
 // Compiled by dataplane/build.rs; loaded, filled and attached by
@@ -46,6 +61,8 @@ typedef unsigned long long __u64;
 
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static long (*bpf_redirect_map)(void *map, __u64 key, __u64 flags) = (void *)51;
+struct xdp_md;
+static long (*bpf_xdp_adjust_meta)(struct xdp_md *ctx, int delta) = (void *)54;
 
 enum { XDP_ABORTED = 0, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT };
 enum {
@@ -115,9 +132,19 @@ enum stat {
 	STAT_REPLY,
 	STAT_ICMP_ERROR,
 	STAT_FRAGMENT,
-	STAT_FOREIGN_QUEUE,
+	STAT_SNAT_UNOWNED,
 	STAT_NO_SOCKET,
+	STAT_OTHER_OWNER,
+	STAT_NO_META,
 	STAT_MAX,
+};
+
+// XDP metadata in front of every redirected frame (mirrored in afxdp.rs).
+#define KXP_META_MAGIC 0x6b787031 // "kxp1"
+#define KXP_NO_OWNER 0xffffffff
+struct kxp_meta {
+	__u32 magic;
+	__u32 owner;
 };
 
 // Socket of (interface slot, queue) at slot * MAX_QUEUES + queue.
@@ -173,7 +200,25 @@ struct {
 	__type(value, struct port_range);
 } snat_ranges SEC(".maps");
 
-// Reply tuples of flows kxp translated without masquerading; value: owning queue.
+// SNAT port (host order) -> owning worker index + 1 (0: nobody).
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u32);
+} snat_owner SEC(".maps");
+
+// Receive queue -> index + 1 of the worker bound to it (0: none). Counting only.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_QUEUES);
+	__type(key, __u32);
+	__type(value, __u32);
+} queue_workers SEC(".maps");
+
+// Tuples of translated flows as they arrive on the wire -> owning worker index: reply
+// tuples of flows kxp translated without masquerading (what steers them here), and, with
+// several workers, original tuples of every flow (what finds their owner).
 // LRU: a full map evicts the stalest tuple rather than refusing a new flow's.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -233,27 +278,44 @@ static __always_inline int is_service_addr(const struct addr *dst, __u8 flag)
 	return bpf_map_lookup_elem(&service_cidrs, &k) != 0;
 }
 
-// Why a tuple belongs to kxp (a STAT_*), 0 if it does not, or STAT_FOREIGN_QUEUE.
-static __always_inline __u32 owner(struct tuple_key *t, __u32 queue)
+// The worker owning the flow of tuple `t` if known (see Ownership above).
+static __always_inline __u32 tuple_owner(struct tuple_key *t)
 {
+	__u32 *o = bpf_map_lookup_elem(&replies, t);
+	return o ? *o : KXP_NO_OWNER;
+}
+
+// Why a tuple belongs to kxp (a STAT_*), 0 if it does not, or STAT_SNAT_UNOWNED; and in
+// `who` the owning worker (KXP_NO_OWNER: any).
+static __always_inline __u32 owner(struct tuple_key *t, __u32 *who)
+{
+	*who = KXP_NO_OWNER;
 	struct frontend_key fk = { .addr = t->dst, .port_be = t->dport_be, .proto = t->proto };
-	if (bpf_map_lookup_elem(&frontends, &fk))
+	if (bpf_map_lookup_elem(&frontends, &fk)) {
+		*who = tuple_owner(t);
 		return STAT_FRONTEND;
-	if (is_service_addr(&t->dst, VIP_ANY_PORT))
+	}
+	if (is_service_addr(&t->dst, VIP_ANY_PORT)) {
+		*who = tuple_owner(t);
 		return STAT_SERVICE_CIDR;
+	}
 	if (bpf_map_lookup_elem(&node_addrs, &t->dst)) {
-		__u16 port = bpf_ntohs(t->dport_be);
+		__u32 port = bpf_ntohs(t->dport_be);
 		__u32 all = MAX_QUEUES;
 		struct port_range *r = bpf_map_lookup_elem(&snat_ranges, &all);
 		if (r && port >= r->lo && port <= r->hi) {
-			struct port_range *mine = bpf_map_lookup_elem(&snat_ranges, &queue);
-			if (mine && port >= mine->lo && port <= mine->hi)
-				return STAT_SNAT_REPLY;
-			return STAT_FOREIGN_QUEUE;
+			__u32 *o = bpf_map_lookup_elem(&snat_owner, &port);
+			if (!o || *o == 0)
+				return STAT_SNAT_UNOWNED;
+			*who = *o - 1;
+			return STAT_SNAT_REPLY;
 		}
 	}
-	if (bpf_map_lookup_elem(&replies, t))
+	__u32 *o = bpf_map_lookup_elem(&replies, t);
+	if (o) {
+		*who = *o;
 		return STAT_REPLY;
+	}
 	return 0;
 }
 
@@ -309,10 +371,10 @@ static __always_inline int quoted_v6(struct tuple_key *t, void *inner, void *end
 	return 1;
 }
 
-static __always_inline int redirect(struct xdp_md *ctx, __u32 why)
+static __always_inline int redirect(struct xdp_md *ctx, __u32 why, __u32 who)
 {
-	if (why == STAT_FOREIGN_QUEUE) {
-		count(STAT_FOREIGN_QUEUE);
+	if (why == STAT_SNAT_UNOWNED) {
+		count(STAT_SNAT_UNOWNED);
 		return XDP_DROP;
 	}
 	count(why);
@@ -323,7 +385,25 @@ static __always_inline int redirect(struct xdp_md *ctx, __u32 why)
 		count(STAT_NO_SOCKET);
 		return XDP_PASS;
 	}
-	long r = bpf_redirect_map(&xsks, *slot * MAX_QUEUES + queue, XDP_PASS);
+	__u32 s = *slot;
+	if (who != KXP_NO_OWNER) {
+		__u32 *w = bpf_map_lookup_elem(&queue_workers, &queue);
+		if (w && *w != who + 1)
+			count(STAT_OTHER_OWNER);
+	}
+	// Tell the worker who owns the frame (pointers are reloaded after the adjustment).
+	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct kxp_meta)) == 0) {
+		struct kxp_meta *m = (void *)(long)ctx->data_meta;
+		if ((void *)(m + 1) <= (void *)(long)ctx->data) {
+			m->magic = KXP_META_MAGIC;
+			m->owner = who;
+		} else {
+			count(STAT_NO_META);
+		}
+	} else {
+		count(STAT_NO_META);
+	}
+	long r = bpf_redirect_map(&xsks, s * MAX_QUEUES + queue, XDP_PASS);
 	if (r != XDP_REDIRECT)
 		count(STAT_NO_SOCKET);
 	return r;
@@ -334,7 +414,6 @@ int kxp_steer(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
-	__u32 queue = ctx->rx_queue_index;
 	count(STAT_FRAMES);
 
 	__u8 *eth = data;
@@ -365,7 +444,7 @@ int kxp_steer(struct xdp_md *ctx)
 		// More fragments, or an offset: no transport header to go by.
 		if (*(__u16 *)(ip + 6) & bpf_htons(0x3fff)) {
 			if (is_service_addr(&t.dst, VIP_SERVICE | VIP_ANY_PORT))
-				return redirect(ctx, STAT_FRAGMENT);
+				return redirect(ctx, STAT_FRAGMENT, KXP_NO_OWNER);
 			goto pass;
 		}
 		l4 = ip + ihl * 4;
@@ -402,7 +481,7 @@ int kxp_steer(struct xdp_md *ctx)
 				// Offset or more fragments: a real fragment.
 				if (*(__u16 *)(h + 2) & bpf_htons(0xfff9)) {
 					if (is_service_addr(&t.dst, VIP_SERVICE | VIP_ANY_PORT))
-						return redirect(ctx, STAT_FRAGMENT);
+						return redirect(ctx, STAT_FRAGMENT, KXP_NO_OWNER);
 					goto pass;
 				}
 				next = h[0];
@@ -430,11 +509,12 @@ int kxp_steer(struct xdp_md *ctx)
 		if (!is_transport(t.proto) || !ports(&t, l4, end))
 			goto pass;
 	}
-	__u32 why = owner(&t, queue);
+	__u32 who;
+	__u32 why = owner(&t, &who);
 	if (why) {
-		if (icmp_error && why != STAT_FOREIGN_QUEUE)
+		if (icmp_error && why != STAT_SNAT_UNOWNED)
 			count(STAT_ICMP_ERROR);
-		return redirect(ctx, why);
+		return redirect(ctx, why, who);
 	}
 pass:
 	count(STAT_PASS);

@@ -311,7 +311,12 @@ struct RunArgs {
     /// Cores to pin the workers to, in order, e.g. `1,2` (default: all but core 0).
     #[arg(long, value_delimiter = ',')]
     cores: Vec<usize>,
-    /// Extra pod interfaces by name pattern (`*` wildcard), e.g. `veth*`.
+    /// Frames each hand-off ring between two workers holds (several workers: frames one
+    /// receives and another owns are copied to it through these).
+    #[arg(long, default_value_t = 1024)]
+    handoff_frames: usize,
+    /// Extra pod interfaces by name pattern (`*` wildcard), e.g. `veth*`; followed while
+    /// running (interfaces appearing and going).
     #[arg(long, value_delimiter = ',')]
     pod_interfaces: Vec<String>,
     /// Recompute full TCP/UDP checksums of frames from an interface: auto (veths),
@@ -417,6 +422,7 @@ fn run_node(args: RunArgs) -> ExitCode {
         args.queues
     };
     cfg.cores = args.cores;
+    cfg.handoff_capacity = args.handoff_frames.max(2);
     cfg.pod_interfaces = args.pod_interfaces;
     cfg.checksum = args.l4_checksum;
     cfg.snat_ports = args.snat_ports;

@@ -150,11 +150,24 @@ pub const CLUSTER_IP: &str = "10.96.0.10";
 pub const SELF_IP: &str = "10.96.0.20";
 pub const NODE_IP: &str = "192.168.50.2";
 pub const LB_IP: &str = "203.0.113.10";
+/// The dual-stack topology's IPv6 service `web6` (TCP 80 and UDP 53; NodePorts 30081 and
+/// 30054) and the node's IPv6 address.
+pub const CLUSTER_IP6: &str = "fd00:96::10";
+pub const LB_IP6: &str = "2001:db8::10";
+pub const NODE_IP6: &str = "fd00:50::2";
 
 impl Node {
     /// Builds the topology. `offload`: leave TX checksum offload on for the pods' and the
     /// client's veths (the default everywhere), or turn it off.
     pub fn up(offload: bool) -> Self {
+        Self::up_with(offload, 1, false)
+    }
+
+    /// [`Node::up`] with `queues` receive and transmit queues on every veth (the node's,
+    /// the client's and the pods' ends), and, with `ipv6`, dual-stack: IPv6 addresses
+    /// everywhere, IPv6 servers in the pods and the `web6` service (see
+    /// [`CLUSTER_IP6`]).
+    pub fn up_with(offload: bool, queues: u32, ipv6: bool) -> Self {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         install_signal_teardown();
         reap_stale();
@@ -174,7 +187,14 @@ impl Node {
             _serial: serial,
         };
         let out = sh(&format!(
-            "source {sh} && kxp_topo_up {id} {dir} {off} && kxp_manifests {dir}/manifests a b c",
+            "export KXP_VETH_QUEUES={queues} KXP_IPV6={v6}; source {sh} && \
+             kxp_topo_up {id} {dir} {off} && kxp_manifests {dir}/manifests a b c {v6m}",
+            v6 = u8::from(ipv6),
+            v6m = if ipv6 {
+                format!("&& kxp_manifests_v6 {}/manifests a b c", node.dir.display())
+            } else {
+                String::new()
+            },
             sh = netns_sh().display(),
             id = node.id,
             dir = node.dir.display(),
@@ -233,7 +253,7 @@ impl Node {
         assert!(self.kxp.is_none(), "kxp already running");
         let _ = std::fs::remove_file(self.ready_file());
         let log = std::fs::File::create(self.dir.join("kxp.log")).expect("log file");
-        let mut c = self.cmd("node", env!("CARGO_BIN_EXE_kxp"));
+        let mut c = self.cmd("node", &kxp_bin());
         c.arg("run").arg("--node").arg(self.dir.join("node.yaml"));
         // The manifests are the source unless the test points kxp at an API server.
         if !extra.iter().any(|a| *a == "--kubeconfig" || *a == "--kube") {
@@ -443,6 +463,133 @@ impl Drop for Node {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(id, _)| *id != self.id);
     }
+}
+
+impl Node {
+    /// Creates pod `x` (`d`: 10.244.1.5, serving like the others) after the fact, its
+    /// veth named `ifname` on the node side.
+    pub fn add_pod(&self, x: &str, ifname: &str) {
+        let out = sh(&format!(
+            "source {} && kxp_pod_add {} {} {x} {ifname}",
+            netns_sh().display(),
+            self.id,
+            self.dir.display()
+        ));
+        assert!(
+            out.status.success(),
+            "pod {x} not added: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Deletes pod `x` and its veth `ifname`.
+    pub fn del_pod(&self, x: &str, ifname: &str) {
+        let out = sh(&format!(
+            "source {} && kxp_pod_del {} {} {x} {ifname}",
+            netns_sh().display(),
+            self.id,
+            self.dir.display()
+        ));
+        assert!(out.status.success(), "pod {x} not deleted");
+    }
+
+    /// `GET url` over `n` concurrent connections from namespace `from` (one curl,
+    /// `--parallel`, each transfer bounded by 10 s). Returns the body of each transfer
+    /// that answered 200 (the X-Pod header), and the failures.
+    pub fn http_parallel(&self, from: &str, url: &str, n: usize) -> (Vec<String>, Vec<String>) {
+        let mut c = self.cmd(from, "curl");
+        c.args([
+            "-sS",
+            "--globoff",
+            "--parallel",
+            "--parallel-immediate",
+            "--parallel-max",
+            "32",
+            "--max-time",
+            "10",
+            "-w",
+            "%{http_code} %header{x-pod}\\n",
+        ]);
+        for _ in 0..n {
+            c.args(["-o", "/dev/null", url]);
+        }
+        let out = c.output().expect("curl runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut ok = Vec::new();
+        let mut failed = Vec::new();
+        // Bodies are discarded; the pod's name comes from its X-Pod header.
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            match line.split_once(' ') {
+                Some(("200", pod)) => ok.push(pod.trim().to_string()),
+                _ => failed.push(line.trim().to_string()),
+            }
+        }
+        if ok.len() + failed.len() < n {
+            failed.push(format!(
+                "{} transfers gave no answer: {}",
+                n - ok.len() - failed.len(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        (ok, failed)
+    }
+
+    /// `n` UDP request/response exchanges with `host:port` from namespace `from`, each
+    /// from a fresh socket (so a fresh source port), 16 at a time, each waiting up to 2 s
+    /// and retried twice. Returns the answers.
+    pub fn udp_many(
+        &self,
+        from: &str,
+        host: &str,
+        port: u16,
+        n: usize,
+    ) -> Result<Vec<String>, String> {
+        let prog = format!(
+            r#"
+import socket, sys, concurrent.futures as cf
+host, port, n = {host:?}, {port}, {n}
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+def one(i):
+    for _ in range(3):
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        try:
+            s.sendto(b"ping%d" % i, (host, port))
+            return s.recvfrom(2048)[0].decode()
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return "TIMEOUT"
+with cf.ThreadPoolExecutor(16) as ex:
+    for r in ex.map(one, range(n)):
+        print(r)
+"#
+        );
+        let out = self
+            .cmd(from, "python3")
+            .args(["-c", &prog])
+            .output()
+            .expect("python3 runs");
+        let answers: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        if !out.status.success() || answers.len() != n || answers.iter().any(|a| a == "TIMEOUT") {
+            return Err(format!(
+                "UDP {host}:{port} from {from}: {answers:?} {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(answers)
+    }
+}
+
+/// The `kxp` binary under test: cargo's, unless `KXP_BIN` names another (a copy taken
+/// right after the build, when other checkouts share the target directory and may
+/// replace cargo's between build and run).
+pub fn kxp_bin() -> String {
+    std::env::var("KXP_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kxp").to_string())
 }
 
 /// Counter `name` (e.g. `driver.l4_checksums_recomputed`) from kxp's exit report; 0 if

@@ -17,8 +17,10 @@
 //! # The loop ([`AfxdpWorker::run`])
 //!
 //! Each round, for every socket: reclaim TX completions into the free list, top up the
-//! fill ring from the free list, take up to [`BATCH_SIZE`] received frames through the
-//! pipeline, and stage the forwarded ones on their egress socket. After each batch the
+//! fill ring from the free list, take up to [`BATCH_SIZE`] received frames, hand those
+//! another worker owns to it (below), run the rest through the pipeline as one batch
+//! ([`Worker::process_batch`]), and stage the forwarded ones on their egress socket; then
+//! the same for frames other workers handed over. After each batch the
 //! staged frames are produced to their TX rings, the reply tuples of new untranslated
 //! flows are written to the steering map (one system call), and only then is any TX
 //! kicked, so a reply can never overtake its steering entry. Every round kicks every
@@ -28,6 +30,18 @@
 //! housekeeping, revalidation after a table change, reply-map sweeping. With nothing to do
 //! for [`IdlePolicy::busy_poll`], the worker sleeps in `ppoll` on its sockets for at most
 //! [`IdlePolicy::max_sleep`].
+//!
+//! # Several workers: ownership and hand-off
+//!
+//! Conntrack is per worker, and a frame can only be received on the queue it arrived on.
+//! With several workers (one per receive queue) the steering program writes the owning
+//! worker of each redirected frame's flow into XDP metadata in front of the frame (see
+//! `steer.c`); a worker that receives a frame another worker owns copies it into the
+//! bounded lock-free ring towards that worker ([`handoff`]) and frees its own frame; the
+//! owner copies it into a frame of its UMEM and processes it like its own. New flows'
+//! original tuples go into the steering map with their reply tuples, so later frames of
+//! the flow find their owner too. Counted: `handoff_frames`, `handoff_queue_full`
+//! (dropped), `handoff_received`, `meta_missing`.
 //!
 //! # Checksums (AFXDP-NOTES trap 1)
 //!
@@ -48,6 +62,7 @@
 //! the kernel's receive path, so such frames are dropped and counted
 //! ([`DriverCounters::pass_not_reinjected`]), next to the pipeline's pass reason.
 
+pub mod handoff;
 pub mod steer;
 
 use std::num::NonZeroU32;
@@ -62,7 +77,7 @@ use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
 
 use crate::checksum::{checksum, pseudo_header_sum};
 use crate::flow::FlowKey;
-use crate::parse::{parse, Parsed};
+use crate::parse::{parse, peek_key, Parsed};
 use crate::pipeline::{Tables, Worker, BATCH_SIZE};
 use crate::publish::TableSubscriber;
 use crate::reject::REJECT_SCRATCH_LEN;
@@ -70,7 +85,8 @@ use crate::tables::IfaceId;
 use crate::verdict::{ForwardReason, Verdict};
 use crate::wire::{ipv4, ipv6, proto};
 
-use steer::{ReplyMap, TupleKey};
+use handoff::{HandoffEnds, HandoffRx, HandoffTx};
+use steer::{ReplyMap, TupleKey, META_LEN, META_MAGIC, NO_OWNER};
 
 /// How a socket binds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,6 +232,23 @@ pub struct DriverCounters {
     pub kernel_fill_ring_empty: u64,
     pub kernel_rx_invalid: u64,
     pub kernel_tx_invalid: u64,
+    /// Frames another worker owns (by the steering program's metadata), copied into the
+    /// hand-off ring towards it.
+    pub handoff_frames: u64,
+    /// Frames for another worker dropped because the ring towards it was full.
+    pub handoff_queue_full: u64,
+    /// Frames other workers handed to this one (copied into its UMEM and processed).
+    pub handoff_received: u64,
+    /// Handed-over frames larger than a UMEM frame (dropped).
+    pub handoff_too_large: u64,
+    /// Eventfd wakeups of a sleeping owner.
+    pub handoff_wakeups: u64,
+    /// Frames received without the steering program's metadata (taken as this worker's).
+    pub meta_missing: u64,
+    /// Sockets closed because their interface went away, and the UMEM frames the kernel
+    /// held in their rings (gone with them).
+    pub ports_removed: u64,
+    pub frames_lost_with_socket: u64,
 }
 
 impl DriverCounters {
@@ -225,7 +258,7 @@ impl DriverCounters {
         }
     }
 
-    fn fields_mut(&mut self) -> [(&'static str, &mut u64); 23] {
+    fn fields_mut(&mut self) -> [(&'static str, &mut u64); 31] {
         [
             ("rx_frames", &mut self.rx_frames),
             ("tx_frames", &mut self.tx_frames),
@@ -250,6 +283,14 @@ impl DriverCounters {
             ("kernel_fill_ring_empty", &mut self.kernel_fill_ring_empty),
             ("kernel_rx_invalid", &mut self.kernel_rx_invalid),
             ("kernel_tx_invalid", &mut self.kernel_tx_invalid),
+            ("handoff_frames", &mut self.handoff_frames),
+            ("handoff_queue_full", &mut self.handoff_queue_full),
+            ("handoff_received", &mut self.handoff_received),
+            ("handoff_too_large", &mut self.handoff_too_large),
+            ("handoff_wakeups", &mut self.handoff_wakeups),
+            ("meta_missing", &mut self.meta_missing),
+            ("ports_removed", &mut self.ports_removed),
+            ("frames_lost_with_socket", &mut self.frames_lost_with_socket),
         ]
     }
 
@@ -271,64 +312,96 @@ struct Port {
     comp: CompQueue,
     /// Produced to TX minus completed.
     outstanding: u64,
+    /// Frames produced to the fill ring minus frames received: the kernel's share, lost
+    /// with the socket if the interface goes away.
+    in_fill: u64,
     recompute_l4: bool,
     /// Frames to transmit on this socket after the current batch.
     staged: [FrameDesc; BATCH_SIZE],
     staged_len: usize,
 }
 
-/// Reply tuples of new flows kxp did not masquerade, on their way to the steering map,
-/// and the ones already there (to remove them when their flow goes).
+/// A flow whose tuples this worker put in the steering map.
+#[derive(Debug, Clone, Copy)]
+struct Tracked {
+    /// The flow's reply tuple (what conntrack is asked about).
+    reply: FlowKey,
+    /// Whether the reply tuple itself is in the map (not for masqueraded flows, whose
+    /// replies are steered by SNAT port).
+    reply_in_map: bool,
+    /// The original tuple, in the map when there are several workers (so that later
+    /// frames of the flow find their owner).
+    orig: Option<TupleKey>,
+}
+
+/// Tuples of new flows on their way to the steering map (reply tuples of flows kxp did
+/// not masquerade; with several workers, original tuples of every flow), and the ones
+/// already there (to remove them when their flow goes).
 #[derive(Debug)]
 struct ReplySteer {
     map: ReplyMap,
     snat: (u16, u16),
-    pending: [TupleKey; BATCH_SIZE],
-    pending_flows: [FlowKey; BATCH_SIZE],
+    pending: [TupleKey; 2 * BATCH_SIZE],
     pending_len: usize,
-    values: [u32; BATCH_SIZE],
-    /// Reply tuples in the map, swept against conntrack.
-    shadow: Vec<FlowKey>,
+    pending_flows: [Option<Tracked>; BATCH_SIZE],
+    pending_flows_len: usize,
+    /// This worker's index, the value of every tuple it inserts.
+    values: [u32; 2 * BATCH_SIZE],
+    /// Flows with tuples in the map, swept against conntrack.
+    shadow: Vec<Tracked>,
     cursor: usize,
-    dead: [TupleKey; SWEEP_BUDGET],
+    dead: [TupleKey; 2 * SWEEP_BUDGET],
 }
 
 const SWEEP_BUDGET: usize = 64;
 
 impl ReplySteer {
-    /// Notes the reply tuple of a new flow whose first frame (rewritten) is `frame`,
-    /// unless replies reach the worker by its SNAT port range anyway.
-    fn note(&mut self, frame: &[u8], t: &Tables) {
+    /// Notes the tuples of a new flow whose first frame (rewritten) is `frame` and whose
+    /// original tuple was `orig` (given only when there are several workers): its reply
+    /// tuple unless replies reach the worker by its SNAT port range anyway, and `orig`.
+    fn note(&mut self, frame: &[u8], orig: Option<FlowKey>, t: &Tables) {
         let Ok(Parsed::Transport { key, .. }) = parse(frame) else {
             return;
         };
         let reply = key.reversed();
-        if t.node.is_node_address(&reply.dst) && (self.snat.0..=self.snat.1).contains(&reply.dport)
-        {
+        let by_port = t.node.is_node_address(&reply.dst)
+            && (self.snat.0..=self.snat.1).contains(&reply.dport);
+        if (by_port && orig.is_none()) || self.pending_flows_len >= BATCH_SIZE {
             return;
         }
-        if self.pending_len < BATCH_SIZE {
+        let tr = Tracked {
+            reply,
+            reply_in_map: !by_port,
+            orig: orig.map(|o| TupleKey::of(&o)),
+        };
+        if tr.reply_in_map {
             self.pending[self.pending_len] = TupleKey::of(&reply);
-            self.pending_flows[self.pending_len] = reply;
             self.pending_len += 1;
         }
+        if let Some(o) = tr.orig {
+            self.pending[self.pending_len] = o;
+            self.pending_len += 1;
+        }
+        self.pending_flows[self.pending_flows_len] = Some(tr);
+        self.pending_flows_len += 1;
     }
 
     /// Writes the pending tuples in one system call.
     fn flush(&mut self, c: &mut DriverCounters) {
         let n = self.pending_len;
-        if n == 0 {
-            return;
-        }
+        let flows = self.pending_flows_len;
         self.pending_len = 0;
-        match self.map.insert_batch(&self.pending[..n], &self.values[..n]) {
-            Ok(done) => {
-                c.reply_tuples_added += done as u64;
-                c.reply_map_errors += (n - done) as u64;
+        self.pending_flows_len = 0;
+        if n > 0 {
+            match self.map.insert_batch(&self.pending[..n], &self.values[..n]) {
+                Ok(done) => {
+                    c.reply_tuples_added += done as u64;
+                    c.reply_map_errors += (n - done) as u64;
+                }
+                Err(_) => c.reply_map_errors += n as u64,
             }
-            Err(_) => c.reply_map_errors += n as u64,
         }
-        for f in &self.pending_flows[..n] {
+        for f in self.pending_flows[..flows].iter().flatten() {
             if self.shadow.len() < self.shadow.capacity() {
                 self.shadow.push(*f);
             } else {
@@ -337,7 +410,7 @@ impl ReplySteer {
         }
     }
 
-    /// Removes up to [`SWEEP_BUDGET`] tuples whose flow conntrack no longer holds.
+    /// Removes the tuples of up to [`SWEEP_BUDGET`] flows conntrack no longer holds.
     fn sweep(&mut self, worker: &Worker, now_ns: u64, c: &mut DriverCounters) {
         let mut dead = 0;
         for _ in 0..SWEEP_BUDGET.min(self.shadow.len()) {
@@ -345,11 +418,17 @@ impl ReplySteer {
                 self.cursor = 0;
             }
             let f = self.shadow[self.cursor];
-            if worker.conntrack.reply_tuple_in_use(&f, now_ns) {
+            if worker.conntrack.reply_tuple_in_use(&f.reply, now_ns) {
                 self.cursor += 1;
             } else {
-                self.dead[dead] = TupleKey::of(&f);
-                dead += 1;
+                if f.reply_in_map {
+                    self.dead[dead] = TupleKey::of(&f.reply);
+                    dead += 1;
+                }
+                if let Some(o) = f.orig {
+                    self.dead[dead] = o;
+                    dead += 1;
+                }
                 self.shadow.swap_remove(self.cursor);
             }
         }
@@ -360,6 +439,28 @@ impl ReplySteer {
             }
         }
     }
+}
+
+/// A worker's ends of the hand-off rings (several workers only).
+#[derive(Debug)]
+struct Handoff {
+    /// This worker's index (what the steering metadata names).
+    index: u32,
+    bell: std::sync::Arc<handoff::Doorbell>,
+    /// Towards each worker by index (`None` at our own).
+    to: Vec<Option<HandoffTx>>,
+    from: Vec<HandoffRx>,
+}
+
+/// What happens to a frame of a batch once the pipeline is done with it.
+#[derive(Debug, Clone, Copy)]
+enum Out {
+    /// Back to the free list (dropped, passed, or nowhere to send it).
+    Free,
+    /// Transmit `len` bytes on `iface`.
+    Send { iface: IfaceId, len: usize },
+    /// The reject answer in the stash, `len` bytes, to `iface`.
+    Reject { iface: IfaceId, len: usize },
 }
 
 /// A worker's AF_XDP side: one UMEM, one socket per interface on one queue.
@@ -373,11 +474,46 @@ pub struct AfxdpWorker {
     /// Frames in userspace's hands, ready for fill rings or rejects.
     free: Vec<FrameDesc>,
     descs: [FrameDesc; BATCH_SIZE],
+    /// The batch the pipeline is about to see: frames, their ingress, whether to
+    /// recompute their L4 checksum, their original tuples (several workers only), and
+    /// what becomes of them.
+    batch: [FrameDesc; BATCH_SIZE],
+    batch_ingress: [IfaceId; BATCH_SIZE],
+    batch_recompute: [bool; BATCH_SIZE],
+    batch_keys: [Option<FlowKey>; BATCH_SIZE],
+    outs: [Out; BATCH_SIZE],
+    /// Reject answers of the batch (`REJECT_SCRATCH_LEN` bytes per frame).
+    reject_stash: Vec<u8>,
     scratch: Vec<u8>,
     replies: Option<ReplySteer>,
+    handoff: Option<Handoff>,
     idle: IdlePolicy,
     pollfds: Vec<libc::pollfd>,
+    /// How sockets bind (for interfaces added at run time).
+    sock_cfg: SocketConfig,
+    /// Fill-ring top-ups a new socket gets at once.
+    fill_batches: usize,
+    port_changes: Option<PortChanges>,
     pub counters: DriverCounters,
+}
+
+/// A change to a running worker's interfaces (pods appearing and going).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortChange {
+    /// Open a socket on this interface (on the worker's queue).
+    Add(PortSpec),
+    /// Close the socket on this interface.
+    Remove(IfaceId),
+}
+
+/// A worker's answer to a [`PortChange`]: for an add, the new socket (interface id,
+/// name, fd) to register in the steering map.
+pub type PortChangeResult = Result<Option<(IfaceId, String, RawFd)>, String>;
+
+#[derive(Debug)]
+struct PortChanges {
+    rx: std::sync::mpsc::Receiver<PortChange>,
+    tx: std::sync::mpsc::Sender<(u32, PortChangeResult)>,
 }
 
 impl AfxdpWorker {
@@ -426,42 +562,14 @@ impl AfxdpWorker {
         let max_iface = ports.iter().map(|p| p.iface.0 as usize).max().unwrap_or(0);
         let mut by_iface = vec![None; max_iface + 1];
         for spec in ports {
-            let name: Interface = spec.name.parse().map_err(|_| AfxdpError::Socket {
-                iface: spec.name.clone(),
-                err: "interface name contains NUL".into(),
-            })?;
             if by_iface[spec.iface.0 as usize].is_some() {
                 return Err(AfxdpError::Config(format!(
                     "interface {} listed twice",
                     spec.name
                 )));
             }
-            // SAFETY: the program-load inhibit flag is set, which is what the contract asks
-            // of sockets sharing a UMEM; every (interface, queue) pair is bound once here.
-            let (tx, rx, rings) =
-                unsafe { Socket::new(sock_cfg, &umem, &name, queue) }.map_err(|e| {
-                    AfxdpError::Socket {
-                        iface: spec.name.clone(),
-                        err: describe(&e),
-                    }
-                })?;
-            let (fill, comp) = rings.ok_or_else(|| AfxdpError::Socket {
-                iface: spec.name.clone(),
-                err: "no fill/completion rings (interface and queue already bound?)".into(),
-            })?;
             by_iface[spec.iface.0 as usize] = Some(built.len());
-            built.push(Port {
-                iface: spec.iface,
-                name: spec.name.clone(),
-                tx,
-                rx,
-                fill,
-                comp,
-                outstanding: 0,
-                recompute_l4: spec.recompute_l4_checksum,
-                staged: [FrameDesc::default(); BATCH_SIZE],
-                staged_len: 0,
-            });
+            built.push(open_port(spec, &umem, sock_cfg, queue)?);
         }
         let pollfds = built
             .iter()
@@ -478,19 +586,112 @@ impl AfxdpWorker {
             by_iface,
             free,
             descs: [FrameDesc::default(); BATCH_SIZE],
+            batch: [FrameDesc::default(); BATCH_SIZE],
+            batch_ingress: [IfaceId(0); BATCH_SIZE],
+            batch_recompute: [false; BATCH_SIZE],
+            batch_keys: [None; BATCH_SIZE],
+            outs: [Out::Free; BATCH_SIZE],
+            reject_stash: vec![0u8; REJECT_SCRATCH_LEN * BATCH_SIZE],
             scratch: vec![0u8; REJECT_SCRATCH_LEN],
             replies: None,
+            handoff: None,
             idle: cfg.idle,
             pollfds,
+            sock_cfg,
+            fill_batches: cfg.ring_size as usize / BATCH_SIZE,
+            port_changes: None,
             counters: DriverCounters::default(),
         };
         // Give every fill ring its share up front so the first frames have somewhere to go.
         for i in 0..me.ports.len() {
-            for _ in 0..(cfg.ring_size as usize / BATCH_SIZE) {
+            for _ in 0..me.fill_batches {
                 me.refill(i);
             }
         }
         Ok(me)
+    }
+
+    /// Lets the runtime add and remove interfaces while the worker runs: changes arrive
+    /// on `rx` (looked at between rounds, at most every millisecond), answers go to `tx`
+    /// with the worker's queue.
+    pub fn set_port_changes(
+        &mut self,
+        rx: std::sync::mpsc::Receiver<PortChange>,
+        tx: std::sync::mpsc::Sender<(u32, PortChangeResult)>,
+    ) {
+        self.port_changes = Some(PortChanges { rx, tx });
+    }
+
+    /// Applies pending [`PortChange`]s.
+    fn apply_port_changes(&mut self) {
+        let Some(pc) = self.port_changes.take() else {
+            return;
+        };
+        while let Ok(change) = pc.rx.try_recv() {
+            let res = match change {
+                PortChange::Add(spec) => self.add_port(&spec).map(Some),
+                PortChange::Remove(iface) => {
+                    self.remove_port(iface);
+                    Ok(None)
+                }
+            };
+            let _ = pc.tx.send((self.queue, res));
+        }
+        self.port_changes = Some(pc);
+    }
+
+    /// Opens a socket on one more interface, sharing the UMEM; its fill ring gets what
+    /// the free list can spare. Returns what the steering map needs.
+    pub fn add_port(&mut self, spec: &PortSpec) -> Result<(IfaceId, String, RawFd), String> {
+        let at = spec.iface.0 as usize;
+        if self.by_iface.get(at).copied().flatten().is_some() {
+            return Err(format!("interface {} already has a socket", spec.name));
+        }
+        let port =
+            open_port(spec, &self.umem, self.sock_cfg, self.queue).map_err(|e| e.to_string())?;
+        let fd = port.rx.fd().as_raw_fd();
+        if self.by_iface.len() <= at {
+            self.by_iface.resize(at + 1, None);
+        }
+        self.by_iface[at] = Some(self.ports.len());
+        self.ports.push(port);
+        self.pollfds.push(libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let i = self.ports.len() - 1;
+        for _ in 0..self.fill_batches {
+            self.refill(i);
+        }
+        Ok((spec.iface, spec.name.clone(), fd))
+    }
+
+    /// Closes the socket on `iface` (its interface is gone). Frames the kernel held in its
+    /// rings are lost to the UMEM and counted (`frames_lost_with_socket`).
+    pub fn remove_port(&mut self, iface: IfaceId) {
+        let Some(i) = self.by_iface.get(iface.0 as usize).copied().flatten() else {
+            return;
+        };
+        self.complete(i);
+        let p = self.ports.remove(i);
+        self.counters.frames_lost_with_socket += p.in_fill + p.outstanding;
+        self.counters.ports_removed += 1;
+        let fd = p.rx.fd().as_raw_fd();
+        self.pollfds.retain(|f| f.fd != fd);
+        drop(p);
+        for slot in self.by_iface.iter_mut() {
+            *slot = match *slot {
+                Some(j) if j == i => None,
+                Some(j) if j > i => Some(j - 1),
+                other => other,
+            };
+        }
+    }
+
+    /// Interfaces this worker has sockets on.
+    pub fn port_ifaces(&self) -> Vec<IfaceId> {
+        self.ports.iter().map(|p| p.iface).collect()
     }
 
     /// The queue this worker's sockets are bound to.
@@ -506,25 +707,38 @@ impl AfxdpWorker {
             .collect()
     }
 
-    /// Lets the worker keep reply tuples of untranslated flows in the steering map.
-    /// `snat` is the worker's masquerade port range (those replies are steered by range).
-    pub fn set_reply_map(&mut self, map: ReplyMap, snat: (u16, u16), capacity: usize) {
+    /// Lets the worker keep reply tuples of untranslated flows (and, with several
+    /// workers, original tuples) in the steering map, valued `owner` (its index). `snat`
+    /// is the worker's masquerade port range (those replies are steered by range).
+    pub fn set_reply_map(&mut self, map: ReplyMap, snat: (u16, u16), capacity: usize, owner: u32) {
         self.replies = Some(ReplySteer {
             map,
             snat,
-            pending: [TupleKey::default(); BATCH_SIZE],
-            pending_flows: [FlowKey {
-                src: core::net::Ipv4Addr::UNSPECIFIED.into(),
-                dst: core::net::Ipv4Addr::UNSPECIFIED.into(),
-                sport: 0,
-                dport: 0,
-                proto: crate::flow::L4Proto::Tcp,
-            }; BATCH_SIZE],
+            pending: [TupleKey::default(); 2 * BATCH_SIZE],
             pending_len: 0,
-            values: [self.queue; BATCH_SIZE],
+            pending_flows: [None; BATCH_SIZE],
+            pending_flows_len: 0,
+            values: [owner; 2 * BATCH_SIZE],
             shadow: Vec::with_capacity(capacity),
             cursor: 0,
-            dead: [TupleKey::default(); SWEEP_BUDGET],
+            dead: [TupleKey::default(); 2 * SWEEP_BUDGET],
+        });
+    }
+
+    /// Connects the worker to the others (see [`handoff`]): it is worker `index`, frames
+    /// the steering metadata says another worker owns go to that worker's ring, and
+    /// frames in its own rings are processed as if received.
+    pub fn set_handoff(&mut self, index: u32, ends: HandoffEnds) {
+        self.pollfds.push(libc::pollfd {
+            fd: ends.bell.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        self.handoff = Some(Handoff {
+            index,
+            bell: ends.bell,
+            to: ends.to,
+            from: ends.from,
         });
     }
 
@@ -561,6 +775,7 @@ impl AfxdpWorker {
                 if let Some(r) = &mut self.replies {
                     r.sweep(worker, now_ns, &mut self.counters);
                 }
+                self.apply_port_changes();
             }
             if now - last_report >= report_every {
                 last_report = now;
@@ -613,6 +828,13 @@ impl AfxdpWorker {
                 self.transmit_staged();
             }
         }
+        if self.handoff.is_some() {
+            let n = self.receive_handoff(worker, t, now_ns);
+            if n > 0 {
+                received += n;
+                self.transmit_staged();
+            }
+        }
         self.kick();
         received
     }
@@ -643,6 +865,7 @@ impl AfxdpWorker {
         // SAFETY: the frames in the free list belong to this UMEM and nobody holds them;
         // once produced they are the kernel's until they come back on an RX ring.
         let done = unsafe { p.fill.produce(&self.free[from..]) };
+        p.in_fill += done as u64;
         self.free.drain(from..from + done);
         if done > 0 && p.fill.needs_wakeup() {
             self.counters.fill_wakeups += 1;
@@ -650,16 +873,18 @@ impl AfxdpWorker {
         }
     }
 
-    /// Takes a batch from port `i`'s RX ring through the pipeline.
+    /// Takes a batch from port `i`'s RX ring: frames another worker owns go to its
+    /// hand-off ring, the rest through the pipeline.
     fn receive(&mut self, i: usize, worker: &mut Worker, t: &Tables, now_ns: u64) -> usize {
         let Self {
             umem,
             ports,
-            by_iface,
             free,
             descs,
-            scratch,
-            replies,
+            batch,
+            batch_ingress,
+            batch_recompute,
+            handoff,
             counters,
             ..
         } = self;
@@ -667,57 +892,223 @@ impl AfxdpWorker {
         // SAFETY: `descs` is ours to overwrite; it receives frames of this UMEM that the
         // kernel hands back to us.
         let n = unsafe { ports[i].rx.consume(descs) };
+        ports[i].in_fill = ports[i].in_fill.saturating_sub(n as u64);
         counters.rx_frames += n as u64;
+        let mut k = 0;
         for d in descs[..n].iter_mut() {
             if d.has_more_frames() {
                 counters.multi_buffer += 1;
                 free.push(*d);
                 continue;
             }
-            // SAFETY: `d` was just consumed from an RX ring of this UMEM, so the kernel is
-            // done with the frame, and no other descriptor in our hands names it.
-            let mut data = unsafe { umem.data_mut(d) };
-            let v = worker.process(t, data.contents_mut(), ingress, now_ns, scratch);
-            let egress = match v {
-                Verdict::Forward {
-                    iface,
-                    start,
-                    len,
-                    reason,
-                } => {
-                    let frame = data.contents_mut();
-                    if start != 0 {
-                        frame.copy_within(start..start + len, 0);
-                        counters.vlan_shift_copies += 1;
-                    }
-                    let frame = &mut frame[..len];
-                    if recompute && fill_l4_checksum(frame) {
-                        counters.l4_checksums_recomputed += 1;
-                    }
-                    if reason == ForwardReason::NewFlow {
-                        if let Some(r) = replies.as_mut() {
-                            r.note(frame, t);
+            if let Some(h) = handoff.as_mut() {
+                // SAFETY: `d` was just consumed from an RX ring of this UMEM: the kernel is
+                // done with the frame and nothing else in our hands names it.
+                match unsafe { take_meta(umem, d) } {
+                    None => counters.meta_missing += 1,
+                    Some(owner) if owner != NO_OWNER && owner != h.index => {
+                        if let Some(Some(tx)) = h.to.get_mut(owner as usize) {
+                            // SAFETY: as above; read-only view of the received bytes.
+                            let data = unsafe { umem.data(d) };
+                            if tx.push(ingress, data.contents()) {
+                                counters.handoff_frames += 1;
+                            } else {
+                                counters.handoff_queue_full += 1;
+                            }
+                            free.push(*d);
+                            continue;
                         }
                     }
-                    data.cursor().set_pos(len);
+                    Some(_) => {}
+                }
+            }
+            batch[k] = *d;
+            batch_ingress[k] = ingress;
+            batch_recompute[k] = recompute;
+            k += 1;
+        }
+        if let Some(h) = handoff.as_mut() {
+            for tx in h.to.iter_mut().flatten() {
+                if tx.flush() {
+                    counters.handoff_wakeups += 1;
+                }
+            }
+        }
+        self.run_batch(k, worker, t, now_ns);
+        n
+    }
+
+    /// Takes up to a batch of frames other workers handed over, copies them into free
+    /// frames of this UMEM and runs them through the pipeline. Frames stay in their ring
+    /// while no UMEM frame is free.
+    fn receive_handoff(&mut self, worker: &mut Worker, t: &Tables, now_ns: u64) -> usize {
+        let Self {
+            umem,
+            ports,
+            by_iface,
+            free,
+            batch,
+            batch_ingress,
+            batch_recompute,
+            handoff,
+            counters,
+            ..
+        } = self;
+        let Some(h) = handoff.as_mut() else {
+            return 0;
+        };
+        let mut k = 0;
+        'rings: for rx in h.from.iter_mut() {
+            while k < BATCH_SIZE {
+                let Some(mut d) = free.pop() else {
+                    break 'rings;
+                };
+                let got = rx.pop(|ingress, bytes| {
+                    // SAFETY: `d` comes from the free list: a frame of this UMEM that
+                    // neither the kernel nor any other descriptor in our hands holds.
+                    let mut data = unsafe { umem.data_mut(&mut d) };
+                    let mut c = data.cursor();
+                    if bytes.len() > c.buf_len() {
+                        return None;
+                    }
+                    c.set_pos(bytes.len());
+                    data.contents_mut().copy_from_slice(bytes);
+                    Some(ingress)
+                });
+                match got {
+                    None => {
+                        free.push(d);
+                        break;
+                    }
+                    Some(None) => {
+                        counters.handoff_too_large += 1;
+                        free.push(d);
+                    }
+                    Some(Some(ingress)) => {
+                        counters.handoff_received += 1;
+                        batch[k] = d;
+                        batch_ingress[k] = ingress;
+                        batch_recompute[k] = by_iface
+                            .get(ingress.0 as usize)
+                            .copied()
+                            .flatten()
+                            .is_some_and(|p| ports[p].recompute_l4);
+                        k += 1;
+                    }
+                }
+            }
+        }
+        self.run_batch(k, worker, t, now_ns);
+        k
+    }
+
+    /// Runs the first `k` frames of the batch through the pipeline
+    /// ([`Worker::process_batch`]) and stages the forwarded ones on their egress sockets.
+    fn run_batch(&mut self, k: usize, worker: &mut Worker, t: &Tables, now_ns: u64) {
+        if k == 0 {
+            return;
+        }
+        let Self {
+            umem,
+            ports,
+            by_iface,
+            free,
+            batch,
+            batch_ingress,
+            batch_recompute,
+            batch_keys,
+            outs,
+            reject_stash,
+            scratch,
+            replies,
+            handoff,
+            counters,
+            ..
+        } = self;
+        let note_orig = handoff.is_some();
+        let mut frames: [&mut [u8]; BATCH_SIZE] = core::array::from_fn(|_| <&mut [u8]>::default());
+        for (j, d) in batch[..k].iter_mut().enumerate() {
+            // SAFETY: every descriptor of the batch names a distinct frame of this UMEM
+            // that is ours (just received, or filled from a hand-off ring); the slice
+            // covers its received bytes and is dropped before this function returns, and
+            // nothing else touches the frame meanwhile.
+            let frame = unsafe {
+                let mut data = umem.data_mut(d);
+                let c = data.contents_mut();
+                core::slice::from_raw_parts_mut(c.as_mut_ptr(), c.len())
+            };
+            batch_keys[j] = if note_orig { peek_key(frame) } else { None };
+            frames[j] = frame;
+        }
+        worker.process_batch(
+            t,
+            &mut frames[..k],
+            &batch_ingress[..k],
+            now_ns,
+            scratch,
+            |j, frame, v, scratch| {
+                outs[j] = match v {
+                    Verdict::Forward {
+                        iface,
+                        start,
+                        len,
+                        reason,
+                    } => {
+                        if start != 0 {
+                            frame.copy_within(start..start + len, 0);
+                            counters.vlan_shift_copies += 1;
+                        }
+                        let frame = &mut frame[..len];
+                        if batch_recompute[j] && fill_l4_checksum(frame) {
+                            counters.l4_checksums_recomputed += 1;
+                        }
+                        if reason == ForwardReason::NewFlow {
+                            if let Some(r) = replies.as_mut() {
+                                r.note(frame, batch_keys[j], t);
+                            }
+                        }
+                        Out::Send { iface, len }
+                    }
+                    Verdict::Reject { iface, len, .. } if len <= REJECT_SCRATCH_LEN => {
+                        let at = j * REJECT_SCRATCH_LEN;
+                        reject_stash[at..at + len].copy_from_slice(&scratch[..len]);
+                        Out::Reject { iface, len }
+                    }
+                    Verdict::Reject { .. } => {
+                        counters.reject_too_large += 1;
+                        Out::Free
+                    }
+                    Verdict::Pass(_) => {
+                        counters.pass_not_reinjected += 1;
+                        Out::Free
+                    }
+                    Verdict::Drop(_) => Out::Free,
+                };
+            },
+        );
+        for (j, d) in batch[..k].iter_mut().enumerate() {
+            let egress = match outs[j] {
+                Out::Free => None,
+                Out::Send { iface, len } => {
+                    // SAFETY: as above; the batch's slices are no longer used.
+                    unsafe { umem.data_mut(d) }.cursor().set_pos(len);
                     Some(iface)
                 }
-                Verdict::Reject { iface, len, .. } => {
+                Out::Reject { iface, len } => {
+                    // SAFETY: as above.
+                    let mut data = unsafe { umem.data_mut(d) };
                     let mut c = data.cursor();
                     if len > c.buf_len() {
                         counters.reject_too_large += 1;
                         None
                     } else {
                         c.set_pos(len);
-                        data.contents_mut().copy_from_slice(&scratch[..len]);
+                        let at = j * REJECT_SCRATCH_LEN;
+                        data.contents_mut()
+                            .copy_from_slice(&reject_stash[at..at + len]);
                         Some(iface)
                     }
                 }
-                Verdict::Pass(_) => {
-                    counters.pass_not_reinjected += 1;
-                    None
-                }
-                Verdict::Drop(_) => None,
             };
             let out = egress.map(|e| by_iface.get(e.0 as usize).copied().flatten());
             match out {
@@ -733,7 +1124,6 @@ impl AfxdpWorker {
                 None => free.push(*d),
             }
         }
-        n
     }
 
     /// Produces staged frames to their TX rings and writes pending reply tuples (before
@@ -773,6 +1163,21 @@ impl AfxdpWorker {
 
     /// Sleeps until a socket has frames or `max_sleep` passes.
     fn sleep(&mut self) {
+        if let Some(h) = &self.handoff {
+            h.bell.arm();
+            // A frame handed over between the last round and arming: do not sleep on it.
+            if h.from.iter().any(|r| !r.is_empty()) {
+                h.bell.disarm();
+                return;
+            }
+        }
+        self.sleep_poll();
+        if let Some(h) = &self.handoff {
+            h.bell.disarm();
+        }
+    }
+
+    fn sleep_poll(&mut self) {
         self.counters.idle_sleeps += 1;
         let t = self.idle.max_sleep;
         let ts = libc::timespec {
@@ -794,6 +1199,71 @@ impl AfxdpWorker {
     /// Frames currently in the free list (tests: nothing leaks).
     pub fn free_frames(&self) -> usize {
         self.free.len()
+    }
+}
+
+/// Binds a socket on `spec`'s interface and `queue`, sharing `umem`.
+fn open_port(
+    spec: &PortSpec,
+    umem: &Umem,
+    sock_cfg: SocketConfig,
+    queue: u32,
+) -> Result<Port, AfxdpError> {
+    let name: Interface = spec.name.parse().map_err(|_| AfxdpError::Socket {
+        iface: spec.name.clone(),
+        err: "interface name contains NUL".into(),
+    })?;
+    // SAFETY: the program-load inhibit flag is set, which is what the contract asks of
+    // sockets sharing a UMEM; every (interface, queue) pair is bound once per worker (the
+    // callers refuse an interface that already has a socket).
+    let (tx, rx, rings) =
+        unsafe { Socket::new(sock_cfg, umem, &name, queue) }.map_err(|e| AfxdpError::Socket {
+            iface: spec.name.clone(),
+            err: describe(&e),
+        })?;
+    let (fill, comp) = rings.ok_or_else(|| AfxdpError::Socket {
+        iface: spec.name.clone(),
+        err: "no fill/completion rings (interface and queue already bound?)".into(),
+    })?;
+    Ok(Port {
+        iface: spec.iface,
+        name: spec.name.clone(),
+        tx,
+        rx,
+        fill,
+        comp,
+        outstanding: 0,
+        in_fill: 0,
+        recompute_l4: spec.recompute_l4_checksum,
+        staged: [FrameDesc::default(); BATCH_SIZE],
+        staged_len: 0,
+    })
+}
+
+/// Reads and clears the steering program's metadata in front of a received frame: the
+/// owning worker (or [`NO_OWNER`]), `None` if the frame carries none.
+///
+/// # Safety
+///
+/// `d` must name a frame of `umem` that is ours (received, not yet handed back), with
+/// nothing else accessing it.
+unsafe fn take_meta(umem: &Umem, d: &mut FrameDesc) -> Option<u32> {
+    // SAFETY: the caller guarantees the frame is ours.
+    let mut data = unsafe { umem.data_mut(d) };
+    let at = data.contents_mut().as_mut_ptr();
+    // SAFETY: in an aligned UMEM the kernel puts a received packet XDP_PACKET_HEADROOM
+    // (256) bytes (plus the user headroom) after the start of its frame, and copy-mode
+    // AF_XDP copies the XDP metadata into the bytes right before it; those META_LEN
+    // bytes lie inside the same frame, which the caller guarantees is ours. Unaligned
+    // reads and writes: the area has no alignment promise.
+    unsafe {
+        let m = at.sub(META_LEN);
+        let magic = core::ptr::read_unaligned(m.cast::<u32>());
+        let owner = core::ptr::read_unaligned(m.add(4).cast::<u32>());
+        // Cleared, so that a later frame in this buffer without metadata is not taken
+        // for one with.
+        core::ptr::write_unaligned(m.cast::<u32>(), 0);
+        (magic == META_MAGIC).then_some(owner)
     }
 }
 

@@ -39,7 +39,7 @@ const VIP_ANY_PORT: u8 = 1;
 const VIP_SERVICE: u8 = 2;
 
 /// The program's counters, in `enum stat` order.
-pub const STAT_NAMES: [&str; 10] = [
+pub const STAT_NAMES: [&str; 12] = [
     "frames",
     "pass",
     "redirect_frontend",
@@ -48,9 +48,19 @@ pub const STAT_NAMES: [&str; 10] = [
     "redirect_reply",
     "redirect_icmp_error",
     "redirect_fragment",
-    "drop_foreign_queue",
+    "drop_snat_unowned",
     "pass_no_socket",
+    "redirect_other_owner",
+    "meta_failed",
 ];
+
+/// `KXP_META_MAGIC` in steer.c: the first word of the XDP metadata in front of every
+/// frame the program redirects.
+pub const META_MAGIC: u32 = 0x6b78_7031;
+/// `KXP_NO_OWNER`: no worker owns the frame's flow yet (any may take it).
+pub const NO_OWNER: u32 = u32::MAX;
+/// Bytes of XDP metadata (`struct kxp_meta`: magic, owner; host byte order).
+pub const META_LEN: usize = 8;
 
 /// Something about the steering program failed.
 #[derive(Debug)]
@@ -208,6 +218,8 @@ struct Maps {
     service_cidrs: RawFd,
     node_addrs: RawFd,
     snat_ranges: RawFd,
+    snat_owner: RawFd,
+    queue_workers: RawFd,
     replies: RawFd,
     stats: RawFd,
 }
@@ -290,6 +302,8 @@ impl Steering {
                 service_cidrs: -1,
                 node_addrs: -1,
                 snat_ranges: -1,
+                snat_owner: -1,
+                queue_workers: -1,
                 replies: -1,
                 stats: -1,
             },
@@ -326,6 +340,8 @@ impl Steering {
             service_cidrs: map(c"service_cidrs")?,
             node_addrs: map(c"node_addrs")?,
             snat_ranges: map(c"snat_ranges")?,
+            snat_owner: map(c"snat_owner")?,
+            queue_workers: map(c"queue_workers")?,
             replies: map(c"replies")?,
             stats: map(c"stats")?,
         };
@@ -382,6 +398,11 @@ impl Steering {
         )
     }
 
+    /// Forgets interface `ifindex` (it went away).
+    pub fn remove_interface_slot(&mut self, ifindex: u32) -> Result<(), SteerError> {
+        delete(self.maps.if_slots, "if_slots", as_bytes(&ifindex))
+    }
+
     /// Registers the AF_XDP socket bound to (interface `slot`, `queue`).
     pub fn set_socket(&mut self, slot: u32, queue: u32, fd: RawFd) -> Result<(), SteerError> {
         if queue >= MAX_QUEUES || slot >= MAX_IFACE_SLOTS {
@@ -395,25 +416,48 @@ impl Steering {
         update(self.maps.xsks, "xsks", as_bytes(&key), as_bytes(&fd))
     }
 
-    /// Sets the SNAT port range of the worker on `queue` (replies to a node address on one
-    /// of these ports go to that queue's socket) and the whole range (`all`).
-    pub fn set_snat_ranges(
+    /// Tells the program which worker serves which receive queue and owns which SNAT
+    /// ports: `workers[i]` is worker `i`'s (queue, SNAT share, inclusive); `all` is the
+    /// whole range. A reply to a node address on a port in `all` is steered to kxp and
+    /// marked as owned by the worker whose share holds the port (dropped if none does).
+    pub fn set_workers(
         &mut self,
-        per_queue: &[(u32, (u16, u16))],
+        workers: &[(u32, (u16, u16))],
         all: (u16, u16),
     ) -> Result<(), SteerError> {
-        let none = PortRange { lo: 1, hi: 0 };
         for q in 0..MAX_QUEUES {
-            let r = per_queue
+            let w = workers
                 .iter()
-                .find(|(queue, _)| *queue == q)
-                .map_or(none, |(_, (lo, hi))| PortRange { lo: *lo, hi: *hi });
+                .position(|(queue, _)| *queue == q)
+                .map_or(0u32, |i| i as u32 + 1);
             update(
-                self.maps.snat_ranges,
-                "snat_ranges",
+                self.maps.queue_workers,
+                "queue_workers",
                 as_bytes(&q),
-                as_bytes(&r),
+                as_bytes(&w),
             )?;
+        }
+        let mut owners = vec![0u32; 65536];
+        for (i, (_, (lo, hi))) in workers.iter().enumerate() {
+            for p in *lo..=*hi {
+                owners[p as usize] = i as u32 + 1;
+            }
+        }
+        let keys: Vec<u32> = (0..65536u32).collect();
+        let mut count = keys.len() as u32;
+        // SAFETY: keys and owners are arrays of `count` u32s, the array map's key and value
+        // types; null options are allowed.
+        let rc = unsafe {
+            bpf::bpf_map_update_batch(
+                self.maps.snat_owner,
+                keys.as_ptr().cast(),
+                owners.as_ptr().cast(),
+                &mut count,
+                core::ptr::null(),
+            )
+        };
+        if rc < 0 {
+            return Err(SteerError::Map("snat_owner", neg_err(rc)));
         }
         let r = PortRange {
             lo: all.0,
@@ -425,6 +469,22 @@ impl Steering {
             as_bytes(&MAX_QUEUES),
             as_bytes(&r),
         )
+    }
+
+    /// The worker whose SNAT share holds `port`, as the program sees it (tests and
+    /// diagnostics).
+    pub fn snat_port_owner(&self, port: u16) -> Option<u32> {
+        let key = port as u32;
+        let mut v = 0u32;
+        // SAFETY: key and v are u32s, the array map's key and value types.
+        let rc = unsafe {
+            bpf::bpf_map_lookup_elem(
+                self.maps.snat_owner,
+                as_bytes(&key).as_ptr().cast(),
+                (&mut v as *mut u32).cast(),
+            )
+        };
+        (rc == 0 && v != 0).then(|| v - 1)
     }
 
     /// Brings the frontend, VIP, service-CIDR and node-address maps in step with `tables`.
@@ -501,6 +561,25 @@ impl Steering {
             let rc = unsafe { bpf::bpf_link__destroy(a.link.as_ptr()) };
             if rc < 0 {
                 eprintln!("kxp: detaching XDP from {}: {}", a.iface, neg_err(rc));
+            }
+        }
+    }
+
+    /// Detaches the program from one interface (destroys its link; a link whose device is
+    /// already gone is just released).
+    pub fn detach(&mut self, iface: &str) {
+        let mut i = 0;
+        while i < self.attached.len() {
+            if self.attached[i].iface == iface {
+                let a = self.attached.swap_remove(i);
+                // SAFETY: the link was created by attach and is destroyed exactly once here
+                // (it was removed from `attached`).
+                let rc = unsafe { bpf::bpf_link__destroy(a.link.as_ptr()) };
+                if rc < 0 {
+                    eprintln!("kxp: detaching XDP from {}: {}", a.iface, neg_err(rc));
+                }
+            } else {
+                i += 1;
             }
         }
     }
@@ -619,7 +698,7 @@ pub struct ReplyMap {
 }
 
 impl ReplyMap {
-    /// Inserts `keys` (all owned by `queue`) in one system call. Returns how many made it.
+    /// Inserts `keys` (owned by the workers `values` name) in one system call. Returns how many made it.
     pub fn insert_batch(&self, keys: &[TupleKey], values: &[u32]) -> Result<usize, io::Error> {
         debug_assert_eq!(keys.len(), values.len());
         if keys.is_empty() {
@@ -711,8 +790,13 @@ mod tests {
             return;
         }
         let mut s = Steering::load().expect("load");
-        s.set_snat_ranges(&[(0, (61000, 63000))], (61000, 65535))
+        s.set_workers(&[(0, (61000, 63000)), (1, (63001, 65535))], (61000, 65535))
             .unwrap();
+        assert_eq!(s.snat_port_owner(61000), Some(0));
+        assert_eq!(s.snat_port_owner(63000), Some(0));
+        assert_eq!(s.snat_port_owner(63001), Some(1));
+        assert_eq!(s.snat_port_owner(65535), Some(1));
+        assert_eq!(s.snat_port_owner(40000), None);
         let map = s.reply_map().unwrap();
         let key = |p| {
             TupleKey::of(&FlowKey {
