@@ -23,6 +23,7 @@
 //! random source. Table building and flow set-up happen before anything is measured.
 
 pub mod kernel_rules;
+pub mod pktgen;
 
 /// Whether this process can check rules against the kernel (root, `unshare`, `nft`,
 /// `iptables-restore`); tests that need it skip with a message otherwise.
