@@ -530,8 +530,13 @@ impl HostVeth {
         // A crashed run's NodePort rules (the `local` rule is put back in front first).
         Self::restore_local_rule();
         let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0");
-        // Replies to the node's own NodePort connections come from a local address.
-        let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/accept_local"), "1");
+        // Replies to the node's own NodePort connections come from a local address; and
+        // node traffic to a port in the NodePort span that no service uses comes back to
+        // the stack on the kxp side (the steering program passes it).
+        for dev in [name, k.as_str()] {
+            let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/accept_local"), "1");
+            let _ = std::fs::write(format!("/proc/sys/net/ipv4/conf/{dev}/rp_filter"), "0");
+        }
         ip_cmd(&["link", "set", "dev", name, "up"]).map_err(RunError::Setup)?;
         ip_cmd(&["link", "set", "dev", &k, "up"]).map_err(RunError::Setup)?;
         Ok(me)
