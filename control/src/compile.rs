@@ -59,7 +59,9 @@
 //!   [`CompileOptions::maglev`]; pass `None` after changing it.
 
 use core::net::{IpAddr, SocketAddr};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::borrow::Borrow;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -69,11 +71,14 @@ use kxp_dataplane::flow::{mix, L4Proto};
 use kxp_dataplane::maglev::{MaglevBackend, MaglevConfig, MaglevTable, MAX_BACKENDS};
 use kxp_dataplane::tables::{
     Backend, Frontend, FrontendKey, FrontendKind, NodeTable, ServicePolicy, ServicePort,
-    ServicePortName, ServiceTable,
+    ServicePortId, ServicePortName, ServiceTable,
 };
 
 use crate::error::ConfigError;
 use crate::manifest::{ManifestSet, DEFAULT_NAMESPACE};
+
+mod incremental;
+pub use incremental::CompileState;
 
 /// Label joining an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -132,42 +137,202 @@ pub fn compile(
 }
 
 /// Compiles services and slices. Objects without a namespace are in `default`.
-pub fn compile_objects(
-    services: &[Service],
-    slices: &[EndpointSlice],
+///
+/// The services are compiled in parallel (they are independent until their frontends
+/// meet), then assembled in namespace/name order, so the result does not depend on the
+/// number of threads.
+pub fn compile_objects<S, E>(
+    services: &[S],
+    slices: &[E],
     node: &NodeTable,
     opts: &CompileOptions,
     previous: Option<&ServiceTable>,
-) -> Compiled {
-    let mut c = Compiler {
-        node,
-        opts,
-        previous: PreviousPorts::index(previous),
-        out: Compiled::default(),
-    };
-    let slices = c.index_slices(slices);
-
-    let mut sorted: Vec<&Service> = services.iter().collect();
-    sorted.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
-    let mut last: Option<(&str, &str)> = None;
-    for svc in sorted {
-        let key = object_key(&svc.metadata);
-        if last == Some(key) {
-            c.out.errors.push(ConfigError::invalid(
-                format!("{}/{}", key.0, key.1),
-                "",
-                "defined more than once; the first definition is used",
-            ));
-            continue;
+) -> Compiled
+where
+    S: Borrow<Service> + Sync,
+    E: Borrow<EndpointSlice> + Sync,
+{
+    let mut out = Compiled::default();
+    let checked = check_slices(slices.iter().map(Borrow::borrow), node);
+    let mut by_service: HashMap<(&str, &str), Vec<&SliceInfo>> = HashMap::new();
+    for c in &checked {
+        out.errors.extend(c.errors.iter().cloned());
+        out.notices.extend(c.notices.iter().cloned());
+        if let (Some((ns, svc)), Some(info)) = (&c.service, &c.info) {
+            by_service
+                .entry((ns.as_str(), svc.as_str()))
+                .or_default()
+                .push(info);
         }
-        last = Some(key);
-        let no_slices = Vec::new();
-        let svc_slices = slices
-            .get(&(key.0.to_string(), key.1.to_string()))
-            .unwrap_or(&no_slices);
-        c.service(svc, svc_slices);
     }
-    c.out
+    let groups: Vec<(&S, usize)> = service_groups(services.iter());
+    let previous = PreviousPorts::index(previous);
+    let outputs = compile_services_parallel(&groups, |svc: &S| {
+        let svc = svc.borrow();
+        let slices = by_service
+            .get(&object_key(&svc.metadata))
+            .map_or(&[][..], Vec::as_slice);
+        compile_service(svc, slices, node, opts, &previous)
+    });
+    for ((_, duplicates), output) in groups.iter().zip(outputs) {
+        let object = output.object.clone();
+        assemble(&mut out, output);
+        push_duplicates(&mut out.errors, &object, *duplicates);
+    }
+    out
+}
+
+/// Services in namespace/name order, each with the number of further definitions of the
+/// same namespace/name (the first one, in input order, is used).
+fn service_groups<'s, T: Borrow<Service>>(
+    services: impl Iterator<Item = &'s T>,
+) -> Vec<(&'s T, usize)> {
+    let key = |s: &'s T| object_key(&s.borrow().metadata);
+    let mut sorted: Vec<&T> = services.collect();
+    sorted.sort_by(|a, b| key(a).cmp(&key(b)));
+    let mut groups: Vec<(&T, usize)> = Vec::with_capacity(sorted.len());
+    for svc in sorted {
+        match groups.last_mut() {
+            Some((first, dups)) if key(first) == key(svc) => *dups += 1,
+            _ => groups.push((svc, 0)),
+        }
+    }
+    groups
+}
+
+fn push_duplicates(errors: &mut Vec<ConfigError>, object: &str, duplicates: usize) {
+    for _ in 0..duplicates {
+        errors.push(ConfigError::invalid(
+            object,
+            "",
+            "defined more than once; the first definition is used",
+        ));
+    }
+}
+
+/// The most threads a compile may use; 0: one per available CPU (at most
+/// [`MAX_COMPILE_THREADS`]). Process-wide.
+static COMPILE_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Caps the threads a full compile uses (0, the default: one per available CPU, at most
+/// 8; 1: the calling thread only), for a node whose cores are pinned to packet workers,
+/// and for benchmarks. The output does not depend on it.
+pub fn set_compile_threads(threads: usize) {
+    COMPILE_THREADS.store(threads, AtomicOrdering::Relaxed);
+}
+
+/// Below this many services, one thread compiles them all (spawning costs more).
+const PARALLEL_MIN_SERVICES: usize = 256;
+/// At most this many threads compile services.
+const MAX_COMPILE_THREADS: usize = 8;
+
+/// Runs `compile` over every group, on up to [`MAX_COMPILE_THREADS`] threads, and
+/// returns the outputs in the groups' order.
+fn compile_services_parallel<'s, T, F>(groups: &[(&'s T, usize)], compile: F) -> Vec<ServiceOutput>
+where
+    T: Sync,
+    F: Fn(&'s T) -> ServiceOutput + Sync,
+{
+    parallel_map(groups, |(svc, _)| compile(svc))
+}
+
+/// `items.iter().map(f).collect()`, on up to [`MAX_COMPILE_THREADS`] threads (one
+/// contiguous chunk each) when there are at least [`PARALLEL_MIN_SERVICES`] items.
+fn parallel_map<T, R, F>(items: &[T], f: F) -> Vec<R>
+where
+    T: Sync,
+    R: Send,
+    F: Fn(&T) -> R + Sync,
+{
+    let threads = match COMPILE_THREADS.load(AtomicOrdering::Relaxed) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+    .min(MAX_COMPILE_THREADS);
+    if threads < 2 || items.len() < PARALLEL_MIN_SERVICES {
+        return items.iter().map(f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .skip(1)
+            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        // This thread takes the first chunk.
+        let mut out: Vec<R> = items[..chunk.min(items.len())].iter().map(f).collect();
+        out.reserve(items.len() - out.len());
+        for h in handles {
+            match h.join() {
+                Ok(part) => out.extend(part),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
+}
+
+/// Adds one service's output to a table being compiled from scratch: its ports, then
+/// its frontends in order (a frontend already held is a clash: the holder keeps it),
+/// its errors and its health check.
+fn assemble(out: &mut Compiled, o: ServiceOutput) {
+    let ids: Vec<ServicePortId> = o
+        .ports
+        .iter()
+        .map(|p| out.table.add_service_port(Arc::clone(p)))
+        .collect();
+    for item in o.items {
+        match item {
+            Item::Error(e) => out.errors.push(e),
+            Item::Frontend(i) => {
+                let c = &o.claims[i as usize];
+                let frontend = Frontend {
+                    kind: c.kind,
+                    service_port: ids[c.port as usize],
+                };
+                if let Err(existing) = out.table.add_frontend(c.key, frontend) {
+                    let holder = &out.table.service_port(existing.service_port).name;
+                    out.errors
+                        .push(clash_error(&o.object, c, existing.kind, holder));
+                }
+            }
+            Item::HealthCheck => {
+                let Some(hc) = &o.health_check else { continue };
+                match out.health_checks.iter().find(|h| h.port == hc.port) {
+                    Some(holder) => out.errors.push(health_check_clash(
+                        &o.object,
+                        hc.port,
+                        &holder.namespace,
+                        &holder.name,
+                    )),
+                    None => out.health_checks.push(hc.clone()),
+                }
+            }
+        }
+    }
+    out.notices.extend(o.notices);
+}
+
+fn clash_error(
+    object: &str,
+    c: &Claim,
+    holder_kind: FrontendKind,
+    holder: &ServicePortName,
+) -> ConfigError {
+    let message = format!(
+        "{} {}/{} is already taken by {} {holder}",
+        c.kind.as_str(),
+        SocketAddr::new(c.key.addr, c.key.port),
+        c.key.proto.as_str(),
+        holder_kind.as_str(),
+    );
+    ConfigError::clash(object, c.field.to_string(), message)
+}
+
+fn health_check_clash(object: &str, port: u16, namespace: &str, name: &str) -> ConfigError {
+    let message = format!("health check node port {port} is already taken by {namespace}/{name}");
+    ConfigError::clash(object, "spec.healthCheckNodePort", message)
 }
 
 /// Which endpoints a service port's Maglev tables include, as kube-proxy's
@@ -360,6 +525,18 @@ impl Family {
     }
 }
 
+/// An object's namespace and name (the namespace defaulted).
+pub type ObjectKey = (String, String);
+
+/// The namespace/name key compile uses for an object (`default` when the namespace is
+/// not set).
+pub fn object_key_of(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> ObjectKey {
+    let (ns, name) = object_key(meta);
+    (ns.to_string(), name.to_string())
+}
+
 fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (&str, &str) {
     (
         meta.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE),
@@ -381,21 +558,21 @@ fn parse_port(p: i32) -> Option<u16> {
 }
 
 /// One EndpointSlice, checked.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct SliceInfo {
     family: Family,
     ports: Vec<SlicePort>,
     endpoints: Vec<EndpointInfo>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct SlicePort {
     name: String,
     proto: L4Proto,
     port: u16,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct EndpointInfo {
     addr: IpAddr,
     ready: bool,
@@ -405,18 +582,194 @@ struct EndpointInfo {
     hints: EndpointHints,
 }
 
-/// The previous table's service ports by (name, protocol), for reuse.
+/// An EndpointSlice object as checked against the node: what it contributes and what was
+/// wrong with it.
+#[derive(Debug, Clone)]
+struct CheckedSlice {
+    /// (namespace, service name) it belongs to; `None` when it is skipped.
+    service: Option<ObjectKey>,
+    /// `None` when skipped (no label, FQDN, a bad address type).
+    info: Option<SliceInfo>,
+    errors: Vec<ConfigError>,
+    notices: Vec<String>,
+}
+
+/// Checks slices in namespace/name order (input order among equal names).
+fn check_slices<'s>(
+    slices: impl Iterator<Item = &'s EndpointSlice>,
+    node: &NodeTable,
+) -> Vec<CheckedSlice> {
+    let mut sorted: Vec<&EndpointSlice> = slices.collect();
+    sorted.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
+    parallel_map(&sorted, |s| check_slice(s, node))
+}
+
+/// Checks one slice. The error context (`EndpointSlice ns/name`, field paths) is only
+/// formatted when there is an error.
+fn check_slice(slice: &EndpointSlice, node: &NodeTable) -> CheckedSlice {
+    let (ns, name) = object_key(&slice.metadata);
+    let object = || format!("EndpointSlice {ns}/{name}");
+    let mut out = CheckedSlice {
+        service: None,
+        info: None,
+        errors: Vec::new(),
+        notices: Vec::new(),
+    };
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_SERVICE_NAME));
+    let Some(service) = service else {
+        out.notices.push(format!(
+            "{}: skipped: no {LABEL_SERVICE_NAME} label",
+            object()
+        ));
+        return out;
+    };
+    let family = match slice.address_type.as_str() {
+        "IPv4" => Family::V4,
+        "IPv6" => Family::V6,
+        "FQDN" => return out,
+        other => {
+            out.errors.push(ConfigError::invalid(
+                object(),
+                "addressType",
+                format!("{other:?} is not one of IPv4, IPv6, FQDN"),
+            ));
+            return out;
+        }
+    };
+    let mut info = SliceInfo {
+        family,
+        ports: Vec::with_capacity(slice.ports.as_ref().map_or(0, Vec::len)),
+        endpoints: Vec::with_capacity(slice.endpoints.len()),
+    };
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        let proto = match parse_proto(p.protocol.as_deref()) {
+            Ok(proto) => proto,
+            Err(m) => {
+                out.errors.push(ConfigError::invalid(
+                    object(),
+                    format!("ports[{i}].protocol"),
+                    m,
+                ));
+                continue;
+            }
+        };
+        let port = match p.port {
+            Some(n) => match parse_port(n) {
+                Some(port) => port,
+                None => {
+                    out.errors.push(ConfigError::invalid(
+                        object(),
+                        format!("ports[{i}].port"),
+                        format!("{n} is out of range"),
+                    ));
+                    continue;
+                }
+            },
+            None => {
+                out.errors.push(ConfigError::invalid(
+                    object(),
+                    format!("ports[{i}].port"),
+                    "missing",
+                ));
+                continue;
+            }
+        };
+        info.ports.push(SlicePort {
+            name: p.name.clone().unwrap_or_default(),
+            proto,
+            port,
+        });
+    }
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        // Like kube-proxy, only the first address counts (the API allows one).
+        let Some(first) = ep.addresses.first() else {
+            out.errors.push(ConfigError::invalid(
+                object(),
+                format!("endpoints[{i}].addresses"),
+                "empty",
+            ));
+            continue;
+        };
+        let field = || format!("endpoints[{i}].addresses[0]");
+        let Ok(addr) = first.trim().parse::<IpAddr>() else {
+            out.errors.push(ConfigError::invalid(
+                object(),
+                field(),
+                format!("{first:?} is not an IP address"),
+            ));
+            continue;
+        };
+        if Family::of(&addr) != family {
+            out.errors.push(ConfigError::invalid(
+                object(),
+                field(),
+                format!("{addr} is not an {} address", family.api_name()),
+            ));
+            continue;
+        }
+        let cond = ep.conditions.as_ref();
+        let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+        // nil = true, as the API documents it and kube-proxy reads it (not "= ready").
+        let serving = cond.and_then(|c| c.serving).unwrap_or(true);
+        let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+        let local = ep.node_name.as_deref() == Some(node.name.as_str());
+        let hints = ep
+            .hints
+            .as_ref()
+            .map(|h| EndpointHints {
+                zones: h
+                    .for_zones
+                    .iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+                nodes: h
+                    .for_nodes
+                    .iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
+            })
+            .unwrap_or_default();
+        info.endpoints.push(EndpointInfo {
+            addr,
+            ready,
+            serving,
+            terminating,
+            local,
+            hints,
+        });
+    }
+    out.service = Some((ns.to_string(), service.clone()));
+    out.info = Some(info);
+    out
+}
+
+/// Previous service ports by (name, protocol), for reuse.
+#[derive(Default)]
 struct PreviousPorts<'a> {
     ports: HashMap<(&'a ServicePortName, L4Proto), Vec<&'a Arc<ServicePort>>>,
 }
 
 impl<'a> PreviousPorts<'a> {
     fn index(previous: Option<&'a ServiceTable>) -> Self {
-        let mut ports: HashMap<_, Vec<_>> = HashMap::new();
-        for (_, sp) in previous.into_iter().flat_map(|t| t.service_ports()) {
-            ports.entry((&sp.name, sp.proto)).or_default().push(sp);
+        Self::of(
+            previous
+                .into_iter()
+                .flat_map(|t| t.service_ports().map(|(_, sp)| sp)),
+        )
+    }
+
+    fn of(ports: impl Iterator<Item = &'a Arc<ServicePort>>) -> Self {
+        let mut map: HashMap<_, Vec<_>> = HashMap::new();
+        for sp in ports {
+            map.entry((&sp.name, sp.proto)).or_default().push(sp);
         }
-        Self { ports }
+        Self { ports: map }
     }
 
     /// A previous service port of this name and protocol with exactly these endpoints.
@@ -434,166 +787,115 @@ impl<'a> PreviousPorts<'a> {
     }
 }
 
-struct Compiler<'a> {
+/// The field a frontend comes from, rendered only for an error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FieldRef {
+    ClusterIp,
+    ClusterIps(u32),
+    ExternalIps(u32),
+    LbIngress(u32),
+    NodePort(u32),
+}
+
+impl core::fmt::Display for FieldRef {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::ClusterIp => f.write_str("spec.clusterIP"),
+            Self::ClusterIps(i) => write!(f, "spec.clusterIPs[{i}]"),
+            Self::ExternalIps(i) => write!(f, "spec.externalIPs[{i}]"),
+            Self::LbIngress(i) => write!(f, "status.loadBalancer.ingress[{i}].ip"),
+            Self::NodePort(i) => write!(f, "spec.ports[{i}].nodePort"),
+        }
+    }
+}
+
+/// A frontend a service port wants; whether it gets it depends on the other services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Claim {
+    key: FrontendKey,
+    kind: FrontendKind,
+    /// Index in [`ServiceOutput::ports`].
+    port: u32,
+    field: FieldRef,
+}
+
+/// What one Service compiles to before it meets the other services.
+#[derive(Debug, Clone)]
+enum Item {
+    Error(ConfigError),
+    /// [`ServiceOutput::claims`] index: a clash error goes here if another service holds it.
+    Frontend(u32),
+    /// The [`ServiceOutput::health_check`]: a clash error goes here if another has the port.
+    HealthCheck,
+}
+
+/// One Service compiled on its own: its service ports and the frontends they want, in
+/// compile order, with its errors in between (so that the assembled error list reads as
+/// if the services had been compiled one after the other).
+#[derive(Debug, Clone, Default)]
+struct ServiceOutput {
+    /// `namespace/name`.
+    object: String,
+    items: Vec<Item>,
+    notices: Vec<String>,
+    ports: Vec<Arc<ServicePort>>,
+    claims: Vec<Claim>,
+    health_check: Option<HealthCheckNodePort>,
+}
+
+/// Compiles one Service with its slices (in slice namespace/name order).
+fn compile_service(
+    svc: &Service,
+    slices: &[&SliceInfo],
+    node: &NodeTable,
+    opts: &CompileOptions,
+    previous: &PreviousPorts<'_>,
+) -> ServiceOutput {
+    let (namespace, name) = object_key(&svc.metadata);
+    let mut c = ServiceCompiler {
+        node,
+        opts,
+        previous,
+        out: ServiceOutput {
+            object: format!("{namespace}/{name}"),
+            ..ServiceOutput::default()
+        },
+    };
+    c.service(svc, slices);
+    c.out
+}
+
+struct ServiceCompiler<'a, 'p> {
     node: &'a NodeTable,
     opts: &'a CompileOptions,
-    previous: PreviousPorts<'a>,
-    out: Compiled,
+    previous: &'a PreviousPorts<'p>,
+    out: ServiceOutput,
 }
 
 /// Everything about a service that does not depend on the port.
 struct ServiceInfo {
-    object: String,
     namespace: String,
     name: String,
     /// (family, ClusterIP, field naming it), primary family first.
-    cluster_ips: Vec<(Family, IpAddr, String)>,
-    external_ips: Vec<(IpAddr, String)>,
-    lb_ips: Vec<(IpAddr, String)>,
+    cluster_ips: Vec<(Family, IpAddr, FieldRef)>,
+    external_ips: Vec<(IpAddr, FieldRef)>,
+    lb_ips: Vec<(IpAddr, FieldRef)>,
     node_ports_allowed: bool,
     policy: ServicePolicy,
 }
 
-impl<'a> Compiler<'a> {
-    fn error(&mut self, object: &str, field: impl Into<String>, message: impl Into<String>) {
-        self.out
-            .errors
-            .push(ConfigError::invalid(object, field, message));
+impl ServiceCompiler<'_, '_> {
+    fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        let e = ConfigError::invalid(&self.out.object, field, message);
+        self.out.items.push(Item::Error(e));
     }
 
-    /// Checks every slice once, and groups them by (namespace, service name), each group in
-    /// slice namespace/name order.
-    fn index_slices(
-        &mut self,
-        slices: &[EndpointSlice],
-    ) -> BTreeMap<(String, String), Vec<SliceInfo>> {
-        let mut sorted: Vec<&EndpointSlice> = slices.iter().collect();
-        sorted.sort_by(|a, b| object_key(&a.metadata).cmp(&object_key(&b.metadata)));
-        let mut by_service: BTreeMap<(String, String), Vec<SliceInfo>> = BTreeMap::new();
-        for slice in sorted {
-            let (ns, name) = object_key(&slice.metadata);
-            let object = format!("EndpointSlice {ns}/{name}");
-            let service = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_SERVICE_NAME));
-            let Some(service) = service else {
-                self.out
-                    .notices
-                    .push(format!("{object}: skipped: no {LABEL_SERVICE_NAME} label"));
-                continue;
-            };
-            let family = match slice.address_type.as_str() {
-                "IPv4" => Family::V4,
-                "IPv6" => Family::V6,
-                "FQDN" => continue,
-                other => {
-                    self.error(
-                        &object,
-                        "addressType",
-                        format!("{other:?} is not one of IPv4, IPv6, FQDN"),
-                    );
-                    continue;
-                }
-            };
-            let mut info = SliceInfo {
-                family,
-                ports: Vec::new(),
-                endpoints: Vec::new(),
-            };
-            for (i, p) in slice.ports.iter().flatten().enumerate() {
-                let proto = match parse_proto(p.protocol.as_deref()) {
-                    Ok(proto) => proto,
-                    Err(m) => {
-                        self.error(&object, format!("ports[{i}].protocol"), m);
-                        continue;
-                    }
-                };
-                let port = match p.port {
-                    Some(n) => match parse_port(n) {
-                        Some(port) => port,
-                        None => {
-                            self.error(
-                                &object,
-                                format!("ports[{i}].port"),
-                                format!("{n} is out of range"),
-                            );
-                            continue;
-                        }
-                    },
-                    None => {
-                        self.error(&object, format!("ports[{i}].port"), "missing");
-                        continue;
-                    }
-                };
-                info.ports.push(SlicePort {
-                    name: p.name.clone().unwrap_or_default(),
-                    proto,
-                    port,
-                });
-            }
-            for (i, ep) in slice.endpoints.iter().enumerate() {
-                // Like kube-proxy, only the first address counts (the API allows one).
-                let Some(first) = ep.addresses.first() else {
-                    self.error(&object, format!("endpoints[{i}].addresses"), "empty");
-                    continue;
-                };
-                let field = format!("endpoints[{i}].addresses[0]");
-                let Ok(addr) = first.trim().parse::<IpAddr>() else {
-                    self.error(&object, field, format!("{first:?} is not an IP address"));
-                    continue;
-                };
-                if Family::of(&addr) != family {
-                    self.error(
-                        &object,
-                        field,
-                        format!("{addr} is not an {} address", family.api_name()),
-                    );
-                    continue;
-                }
-                let cond = ep.conditions.as_ref();
-                let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-                // nil = true, as the API documents it and kube-proxy reads it (not "= ready").
-                let serving = cond.and_then(|c| c.serving).unwrap_or(true);
-                let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
-                let local = ep.node_name.as_deref() == Some(self.node.name.as_str());
-                let hints = ep
-                    .hints
-                    .as_ref()
-                    .map(|h| EndpointHints {
-                        zones: h
-                            .for_zones
-                            .iter()
-                            .flatten()
-                            .map(|z| z.name.clone())
-                            .collect(),
-                        nodes: h
-                            .for_nodes
-                            .iter()
-                            .flatten()
-                            .map(|n| n.name.clone())
-                            .collect(),
-                    })
-                    .unwrap_or_default();
-                info.endpoints.push(EndpointInfo {
-                    addr,
-                    ready,
-                    serving,
-                    terminating,
-                    local,
-                    hints,
-                });
-            }
-            by_service
-                .entry((ns.to_string(), service.clone()))
-                .or_default()
-                .push(info);
-        }
-        by_service
+    fn notice(&mut self, message: impl core::fmt::Display) {
+        let n = format!("{}: {message}", self.out.object);
+        self.out.notices.push(n);
     }
 
-    fn service(&mut self, svc: &Service, slices: &[SliceInfo]) {
+    fn service(&mut self, svc: &Service, slices: &[&SliceInfo]) {
         let Some(info) = self.service_info(svc) else {
             return;
         };
@@ -602,18 +904,17 @@ impl<'a> Compiler<'a> {
         let mut local_ready: [BTreeSet<IpAddr>; 2] = Default::default();
         let mut compiled_ports = 0usize;
         for (i, p) in spec.ports.iter().flatten().enumerate() {
-            let field = format!("spec.ports[{i}]");
+            let field = || format!("spec.ports[{i}]");
             let proto = match parse_proto(p.protocol.as_deref()) {
                 Ok(proto) => proto,
                 Err(m) => {
-                    self.error(&info.object, format!("{field}.protocol"), m);
+                    self.error(format!("{}.protocol", field()), m);
                     continue;
                 }
             };
             let Some(port) = parse_port(p.port) else {
                 self.error(
-                    &info.object,
-                    format!("{field}.port"),
+                    format!("{}.port", field()),
                     format!("{} is out of range", p.port),
                 );
                 continue;
@@ -624,16 +925,14 @@ impl<'a> Compiler<'a> {
                     Some(np) if info.node_ports_allowed => Some(np),
                     Some(_) => {
                         self.error(
-                            &info.object,
-                            format!("{field}.nodePort"),
+                            format!("{}.nodePort", field()),
                             "may only be used when type is NodePort or LoadBalancer",
                         );
                         None
                     }
                     None => {
                         self.error(
-                            &info.object,
-                            format!("{field}.nodePort"),
+                            format!("{}.nodePort", field()),
                             format!("{n} is out of range"),
                         );
                         None
@@ -645,8 +944,7 @@ impl<'a> Compiler<'a> {
                 name: info.name.clone(),
                 port_name: p.name.clone().unwrap_or_default(),
             };
-            for (family, cluster_ip, cluster_ip_field) in &info.cluster_ips {
-                let family = *family;
+            for &(family, cluster_ip, cluster_ip_field) in &info.cluster_ips {
                 let (endpoints, hints) = self.endpoints(slices, family, &name, proto);
                 local_ready[family as usize].extend(
                     endpoints
@@ -657,55 +955,41 @@ impl<'a> Compiler<'a> {
                 let mut policy = info.policy.clone();
                 policy.source_ranges.retain(|r| Family::of_net(r) == family);
                 let sp = self.service_port(name.clone(), proto, endpoints, &hints, policy);
-                let id = self.out.table.add_service_port(sp);
+                let port_index = self.out.ports.len() as u32;
+                self.out.ports.push(sp);
                 compiled_ports += 1;
 
-                let mut frontends = vec![(
-                    FrontendKind::ClusterIp,
-                    *cluster_ip,
-                    port,
-                    cluster_ip_field.clone(),
-                )];
-                for (ip, f) in &info.external_ips {
-                    if Family::of(ip) == family {
-                        frontends.push((FrontendKind::ExternalIp, *ip, port, f.clone()));
+                let mut claim = |kind, addr, port, field| {
+                    let index = self.out.claims.len() as u32;
+                    self.out.claims.push(Claim {
+                        key: FrontendKey { addr, proto, port },
+                        kind,
+                        port: port_index,
+                        field,
+                    });
+                    self.out.items.push(Item::Frontend(index));
+                };
+                claim(FrontendKind::ClusterIp, cluster_ip, port, cluster_ip_field);
+                for &(ip, f) in &info.external_ips {
+                    if Family::of(&ip) == family {
+                        claim(FrontendKind::ExternalIp, ip, port, f);
                     }
                 }
-                for (ip, f) in &info.lb_ips {
-                    if Family::of(ip) == family {
-                        frontends.push((FrontendKind::LoadBalancer, *ip, port, f.clone()));
+                for &(ip, f) in &info.lb_ips {
+                    if Family::of(&ip) == family {
+                        claim(FrontendKind::LoadBalancer, ip, port, f);
                     }
                 }
                 if let Some(np) = node_port {
                     for ip in self.node.node_port_addresses() {
                         if Family::of(ip) == family {
-                            frontends.push((
+                            claim(
                                 FrontendKind::NodePort,
                                 *ip,
                                 np,
-                                format!("{field}.nodePort"),
-                            ));
+                                FieldRef::NodePort(i as u32),
+                            );
                         }
-                    }
-                }
-                for (kind, addr, port, f) in frontends {
-                    let key = FrontendKey { addr, proto, port };
-                    let frontend = Frontend {
-                        kind,
-                        service_port: id,
-                    };
-                    if let Err(existing) = self.out.table.add_frontend(key, frontend) {
-                        let holder = &self.out.table.service_port(existing.service_port).name;
-                        let message = format!(
-                            "{} {}/{} is already taken by {} {holder}",
-                            kind.as_str(),
-                            SocketAddr::new(addr, port),
-                            proto.as_str(),
-                            existing.kind.as_str(),
-                        );
-                        self.out
-                            .errors
-                            .push(ConfigError::clash(&info.object, f, message));
                     }
                 }
             }
@@ -718,7 +1002,8 @@ impl<'a> Compiler<'a> {
 
     /// Records the service's health check node port, when kube-proxy would serve one: type
     /// LoadBalancer, `externalTrafficPolicy: Local` (its `NeedsHealthCheck`), and a port
-    /// set. Two services on one port: the first, in namespace/name order, keeps it.
+    /// set. Two services on one port: the first, in namespace/name order, keeps it (that
+    /// is decided when the services are assembled).
     fn health_check(&mut self, svc: &Service, info: &ServiceInfo, local_endpoints: usize) {
         let spec = svc.spec.as_ref().expect("service_info checked the spec");
         if spec.type_.as_deref() != Some("LoadBalancer") || !info.policy.external_local {
@@ -729,60 +1014,47 @@ impl<'a> Compiler<'a> {
             None | Some(0) => {
                 // The API server allocates one; hand-written manifests may leave it out.
                 // kube-proxy logs it and goes on: a notice, not an error.
-                self.out.notices.push(format!(
-                    "{}: no {field} (externalTrafficPolicy Local); no health check served",
-                    info.object
+                self.notice(format_args!(
+                    "no {field} (externalTrafficPolicy Local); no health check served"
                 ));
                 return;
             }
             Some(n) => match parse_port(n) {
                 Some(p) => p,
                 None => {
-                    self.error(&info.object, field, format!("{n} is out of range"));
+                    self.error(field, format!("{n} is out of range"));
                     return;
                 }
             },
         };
-        if let Some(holder) = self.out.health_checks.iter().find(|h| h.port == port) {
-            let message = format!(
-                "health check node port {port} is already taken by {}/{}",
-                holder.namespace, holder.name
-            );
-            self.out
-                .errors
-                .push(ConfigError::clash(&info.object, field, message));
-            return;
-        }
-        self.out.health_checks.push(HealthCheckNodePort {
+        self.out.health_check = Some(HealthCheckNodePort {
             namespace: info.namespace.clone(),
             name: info.name.clone(),
             port,
             local_endpoints,
         });
+        self.out.items.push(Item::HealthCheck);
     }
 
     /// Checks the port-independent parts of a service; `None` when it is skipped or
     /// unusable (reported).
     fn service_info(&mut self, svc: &Service) -> Option<ServiceInfo> {
         let (namespace, name) = object_key(&svc.metadata);
-        let object = format!("{namespace}/{name}");
         let labels = svc.metadata.labels.as_ref();
         if let Some(proxy) = labels.and_then(|l| l.get(LABEL_SERVICE_PROXY_NAME)) {
             if self.opts.proxy_name.as_deref() != Some(proxy.as_str()) {
-                self.out.notices.push(format!(
-                    "{object}: skipped: {LABEL_SERVICE_PROXY_NAME} is {proxy:?}"
+                self.notice(format_args!(
+                    "skipped: {LABEL_SERVICE_PROXY_NAME} is {proxy:?}"
                 ));
                 return None;
             }
         }
         if labels.is_some_and(|l| l.contains_key(LABEL_HEADLESS)) {
-            self.out
-                .notices
-                .push(format!("{object}: skipped: labelled {LABEL_HEADLESS}"));
+            self.notice(format_args!("skipped: labelled {LABEL_HEADLESS}"));
             return None;
         }
         let Some(spec) = svc.spec.as_ref() else {
-            self.error(&object, "spec", "missing");
+            self.error("spec", "missing");
             return None;
         };
         let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
@@ -790,14 +1062,11 @@ impl<'a> Compiler<'a> {
             "ClusterIP" => false,
             "NodePort" | "LoadBalancer" => true,
             "ExternalName" => {
-                self.out
-                    .notices
-                    .push(format!("{object}: skipped: type ExternalName"));
+                self.notice("skipped: type ExternalName");
                 return None;
             }
             other => {
                 self.error(
-                    &object,
                     "spec.type",
                     format!(
                         "{other:?} is not one of ClusterIP, NodePort, LoadBalancer, ExternalName"
@@ -808,25 +1077,22 @@ impl<'a> Compiler<'a> {
         };
 
         // ClusterIPs: spec.clusterIPs, or spec.clusterIP for objects written without it.
-        let listed: Vec<(&str, String)> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        let listed: Vec<(&str, FieldRef)> = match (&spec.cluster_ips, &spec.cluster_ip) {
             (Some(ips), _) if !ips.is_empty() => ips
                 .iter()
                 .enumerate()
-                .map(|(i, ip)| (ip.as_str(), format!("spec.clusterIPs[{i}]")))
+                .map(|(i, ip)| (ip.as_str(), FieldRef::ClusterIps(i as u32)))
                 .collect(),
-            (_, Some(ip)) if !ip.is_empty() => vec![(ip.as_str(), "spec.clusterIP".to_string())],
+            (_, Some(ip)) if !ip.is_empty() => vec![(ip.as_str(), FieldRef::ClusterIp)],
             _ => Vec::new(),
         };
         match listed.first() {
             Some(("None", _)) => {
-                self.out
-                    .notices
-                    .push(format!("{object}: skipped: headless (clusterIP None)"));
+                self.notice("skipped: headless (clusterIP None)");
                 return None;
             }
             None => {
                 self.error(
-                    &object,
                     "spec.clusterIP",
                     "not set (kxp does not allocate ClusterIPs)",
                 );
@@ -834,17 +1100,16 @@ impl<'a> Compiler<'a> {
             }
             Some(_) => {}
         }
-        let mut cluster_ips: Vec<(Family, IpAddr, String)> = Vec::new();
+        let mut cluster_ips: Vec<(Family, IpAddr, FieldRef)> = Vec::with_capacity(listed.len());
         for (i, (ip, field)) in listed.into_iter().enumerate() {
             let Ok(addr) = ip.trim().parse::<IpAddr>() else {
-                self.error(&object, field, format!("{ip:?} is not an IP address"));
+                self.error(field.to_string(), format!("{ip:?} is not an IP address"));
                 continue;
             };
             let family = Family::of(&addr);
             if cluster_ips.iter().any(|(f, _, _)| *f == family) {
                 self.error(
-                    &object,
-                    field,
+                    field.to_string(),
                     format!("a second {} ClusterIP ({addr})", family.api_name()),
                 );
                 continue;
@@ -852,7 +1117,6 @@ impl<'a> Compiler<'a> {
             if let Some(declared) = spec.ip_families.as_ref().and_then(|f| f.get(i)) {
                 if declared != family.api_name() {
                     self.error(
-                        &object,
                         format!("spec.ipFamilies[{i}]"),
                         format!("{declared} does not match the ClusterIP {addr}"),
                     );
@@ -866,10 +1130,10 @@ impl<'a> Compiler<'a> {
 
         let mut external_ips = Vec::new();
         for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-            let field = format!("spec.externalIPs[{i}]");
+            let field = FieldRef::ExternalIps(i as u32);
             match ip.trim().parse::<IpAddr>() {
                 Ok(addr) => external_ips.push((addr, field)),
-                Err(_) => self.error(&object, field, format!("{ip:?} is not an IP address")),
+                Err(_) => self.error(field.to_string(), format!("{ip:?} is not an IP address")),
             }
         }
         let mut lb_ips = Vec::new();
@@ -886,10 +1150,10 @@ impl<'a> Compiler<'a> {
             let Some(ip) = ing.ip.as_deref().filter(|ip| !ip.is_empty()) else {
                 continue;
             };
-            let field = format!("status.loadBalancer.ingress[{i}].ip");
+            let field = FieldRef::LbIngress(i as u32);
             match ip.trim().parse::<IpAddr>() {
                 Ok(addr) => lb_ips.push((addr, field)),
-                Err(_) => self.error(&object, field, format!("{ip:?} is not an IP address")),
+                Err(_) => self.error(field.to_string(), format!("{ip:?} is not an IP address")),
             }
         }
 
@@ -900,7 +1164,6 @@ impl<'a> Compiler<'a> {
             Some("Local") => externally_accessible,
             Some(other) => {
                 self.error(
-                    &object,
                     "spec.externalTrafficPolicy",
                     format!("{other:?} is not one of Cluster, Local"),
                 );
@@ -912,7 +1175,6 @@ impl<'a> Compiler<'a> {
             Some("Local") => true,
             Some(other) => {
                 self.error(
-                    &object,
                     "spec.internalTrafficPolicy",
                     format!("{other:?} is not one of Cluster, Local"),
                 );
@@ -932,7 +1194,6 @@ impl<'a> Compiler<'a> {
                     Some(t) if t > 0 && t as u32 <= MAX_AFFINITY_TIMEOUT_SECS => t as u32,
                     Some(t) => {
                         self.error(
-                            &object,
                             "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
                             format!(
                                 "{t} is out of range (1..={MAX_AFFINITY_TIMEOUT_SECS}); using {DEFAULT_AFFINITY_TIMEOUT_SECS}"
@@ -944,7 +1205,6 @@ impl<'a> Compiler<'a> {
             }
             Some(other) => {
                 self.error(
-                    &object,
                     "spec.sessionAffinity",
                     format!("{other:?} is not one of None, ClientIP"),
                 );
@@ -961,7 +1221,6 @@ impl<'a> Compiler<'a> {
             match r.trim().parse::<IpNet>() {
                 Ok(net) => source_ranges.push(net.trunc()),
                 Err(_) => self.error(
-                    &object,
                     format!("spec.loadBalancerSourceRanges[{i}]"),
                     format!("{r:?} is not a CIDR"),
                 ),
@@ -969,7 +1228,6 @@ impl<'a> Compiler<'a> {
         }
 
         Some(ServiceInfo {
-            object,
             namespace: namespace.to_string(),
             name: name.to_string(),
             cluster_ips,
@@ -990,12 +1248,13 @@ impl<'a> Compiler<'a> {
     /// them.
     fn endpoints(
         &mut self,
-        slices: &[SliceInfo],
+        slices: &[&SliceInfo],
         family: Family,
         name: &ServicePortName,
         proto: L4Proto,
     ) -> (Vec<Backend>, Vec<EndpointHints>) {
-        let mut by_key: BTreeMap<(IpAddr, u16), (Backend, &EndpointHints)> = BTreeMap::new();
+        // Every (backend, its hints) of the port, sorted and deduplicated below.
+        let mut found: Vec<(Backend, &EndpointHints)> = Vec::new();
         for slice in slices.iter().filter(|s| s.family == family) {
             let Some(sp) = slice
                 .ports
@@ -1004,28 +1263,44 @@ impl<'a> Compiler<'a> {
             else {
                 continue;
             };
+            found.reserve(slice.endpoints.len());
             for ep in &slice.endpoints {
-                let b = Backend {
-                    addr: ep.addr,
-                    port: sp.port,
-                    ready: ep.ready,
-                    serving: ep.serving,
-                    terminating: ep.terminating,
-                    local: ep.local,
-                    weight: 1,
-                };
-                // As kube-proxy: the first one wins, unless a later one is local.
-                let key = (b.addr, b.port);
-                if b.local || !by_key.contains_key(&key) {
-                    by_key.insert(key, (b, &ep.hints));
+                found.push((
+                    Backend {
+                        addr: ep.addr,
+                        port: sp.port,
+                        ready: ep.ready,
+                        serving: ep.serving,
+                        terminating: ep.terminating,
+                        local: ep.local,
+                        weight: 1,
+                    },
+                    &ep.hints,
+                ));
+            }
+        }
+        // As kube-proxy: of several with the same (address, port), the first one wins,
+        // unless a later one is local (the last local one then). A stable sort keeps the
+        // slices' order among equal keys.
+        found.sort_by_key(|(b, _)| (b.addr, b.port));
+        let mut endpoints: Vec<Backend> = Vec::with_capacity(found.len());
+        let mut hints: Vec<EndpointHints> = Vec::with_capacity(found.len());
+        for (b, h) in found {
+            match endpoints.last_mut() {
+                Some(last) if (last.addr, last.port) == (b.addr, b.port) => {
+                    if b.local {
+                        *last = b;
+                        *hints.last_mut().expect("same length") = h.clone();
+                    }
+                }
+                _ => {
+                    endpoints.push(b);
+                    hints.push(h.clone());
                 }
             }
         }
-        let (mut endpoints, mut hints): (Vec<Backend>, Vec<EndpointHints>) =
-            by_key.into_values().map(|(b, h)| (b, h.clone())).unzip();
         if endpoints.len() > MAX_BACKENDS {
             self.error(
-                &format!("{}/{}", name.namespace, name.name),
                 "",
                 format!(
                     "{name}: {} endpoints, only the first {MAX_BACKENDS} are used",
@@ -1089,7 +1364,6 @@ impl<'a> Compiler<'a> {
         })
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

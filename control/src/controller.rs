@@ -1,10 +1,16 @@
 //! The controller: source events in, compiled tables published.
 //!
 //! A [`Controller`] keeps the latest [`SourceView`] and the node's state, and *syncs*:
-//! compiles the view against the node ([`compile_objects`], with the last published
-//! [`ServiceTable`] as `previous`, so unchanged service ports keep their `Arc` and their
-//! Maglev tables) and publishes a new [`Tables`] generation through the
-//! [`TablePublisher`] (one atomic pointer swap; workers pick it up at their next batch).
+//! compiles what changed against the node and publishes a new [`Tables`] generation
+//! through the [`TablePublisher`] (one atomic pointer swap; workers pick it up at their
+//! next batch).
+//!
+//! * **Incremental**: a new view is compared with the previous one by pointer (sources
+//!   hand unchanged objects on as the same `Arc`s), and only the changed
+//!   Services and EndpointSlices (by namespace/name) go to the [`CompileState`], which
+//!   recompiles the services they concern and patches its table: unchanged service ports
+//!   keep their `Arc` and their Maglev tables. The first view and node changes compile
+//!   everything ([`CompileState::build`], reusing the last published table's ports).
 //!
 //! * **Level-triggered**: a view replaces the previous one; a burst of views is coalesced
 //!   and only the latest is compiled.
@@ -25,8 +31,7 @@
 //! [`Controller::sync_once`] and friends run a sync synchronously (tests, `kxp sync
 //! --once`); [`Controller::spawn`] runs the loop on its own thread.
 
-use std::collections::{HashMap, HashSet};
-use std::hash::Hash;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
@@ -36,9 +41,9 @@ use std::time::{Duration, Instant};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kxp_dataplane::pipeline::Tables;
 use kxp_dataplane::publish::TablePublisher;
-use kxp_dataplane::tables::{NodeTable, ServicePort, ServiceTable};
+use kxp_dataplane::tables::{NodeTable, ServiceTable};
 
-use crate::compile::{compile_objects, CompileOptions};
+use crate::compile::{object_key_of, CompileOptions, CompileState, ObjectKey};
 use crate::error::ConfigError;
 use crate::ops::Metrics;
 use crate::source::{NodeInfo, SourceEvent, SourceView};
@@ -140,6 +145,18 @@ pub struct Controller {
     /// `base_node` with the source's addresses, as published.
     node: Arc<NodeTable>,
     view: Option<SourceView>,
+    /// Where each namespace/name sits in `view`.
+    index: ViewIndex,
+    /// The incremental compiler, once a first sync built it.
+    state: Option<CompileState>,
+    /// The Services and EndpointSlices (namespace/name) changed since the last sync.
+    changed_services: BTreeSet<ObjectKey>,
+    changed_slices: BTreeSet<ObjectKey>,
+    /// The next sync compiles everything (first view, node change).
+    full: bool,
+    /// Views replaced since the last sync, freed after the next publish: freeing one
+    /// touches every object's reference count (about 1.5 ms at 30,000 services).
+    retired: Vec<SourceView>,
     /// The last table this controller published.
     published: Option<Arc<ServiceTable>>,
     generation: u64,
@@ -173,6 +190,12 @@ impl Controller {
             base_node: node,
             node_info: None,
             view: None,
+            index: ViewIndex::default(),
+            state: None,
+            changed_services: BTreeSet::new(),
+            changed_slices: BTreeSet::new(),
+            full: true,
+            retired: Vec::new(),
             published: None,
             generation,
             pending: false,
@@ -254,15 +277,33 @@ impl Controller {
             let services = view.services.len() as u64;
             let slices = view.slices.len() as u64;
             self.metrics.changes(services, slices);
+            self.index = ViewIndex::of(&view);
             self.view = Some(view);
+            self.full = true;
             return true;
         };
-        let services = changed(&old.services, &view.services, |s| &s.metadata);
-        let slices = changed(&old.slices, &view.slices, |s| &s.metadata);
+        let services = diff(
+            &old.services,
+            &view.services,
+            &mut self.index.services,
+            |s| &s.metadata,
+            &mut self.changed_services,
+        );
+        let slices = diff(
+            &old.slices,
+            &view.slices,
+            &mut self.index.slices,
+            |s| &s.metadata,
+            &mut self.changed_slices,
+        );
         self.metrics.changes(services, slices);
         let queued =
             services > 0 || slices > 0 || old.errors != view.errors || old.notices != view.notices;
-        self.view = Some(view);
+        if let Some(old) = self.view.replace(view) {
+            if queued || self.pending {
+                self.retired.push(old);
+            }
+        }
         queued
     }
 
@@ -286,6 +327,8 @@ impl Controller {
         if addresses_changed {
             tracing::info!(addresses = ?node.addresses, "node addresses");
             self.node = Arc::new(node);
+            // Every NodePort frontend, and every endpoint's locality and hints, may change.
+            self.full = true;
         }
         self.node_info = Some(info);
         // Only the addresses reach the tables; no view yet means nothing to publish.
@@ -311,30 +354,46 @@ impl Controller {
         let view = self.view.as_ref()?;
         let start = Instant::now();
         self.last_sync_start = Some(start);
-        let previous = self.published.as_deref();
-        let mut compiled = compile_objects(
-            &view.services,
-            &view.slices,
-            &self.node,
-            &self.config.compile,
-            previous,
-        );
+        let state = match self.state.as_mut() {
+            Some(state) if !self.full => {
+                for key in std::mem::take(&mut self.changed_services) {
+                    let defs = self
+                        .index
+                        .objects(&view.services, &self.index.services, &key);
+                    state.set_service(key, &defs);
+                }
+                for key in std::mem::take(&mut self.changed_slices) {
+                    let defs = self.index.objects(&view.slices, &self.index.slices, &key);
+                    state.set_slices(key, &defs);
+                }
+                state
+            }
+            _ => {
+                self.changed_services.clear();
+                self.changed_slices.clear();
+                self.full = false;
+                self.state.insert(CompileState::build(
+                    &view.services,
+                    &view.slices,
+                    (*self.node).clone(),
+                    self.config.compile.clone(),
+                    self.published.as_deref(),
+                ))
+            }
+        };
+        let mut compiled = state.finish();
         if let Some(hc) = &self.health_checks {
             hc.sync(&compiled.health_checks);
         }
         self.generation += 1;
         compiled.table.generation = self.generation;
-        let reused_ports = match previous {
-            Some(prev) => {
-                let old: HashSet<*const ServicePort> =
-                    prev.service_ports().map(|(_, p)| Arc::as_ptr(p)).collect();
-                compiled
-                    .table
-                    .service_ports()
-                    .filter(|(_, p)| old.contains(&Arc::as_ptr(p)))
-                    .count()
-            }
-            None => 0,
+        let (services, service_ports, endpoints) = state.counts();
+        let reused_ports = service_ports - state.take_new_ports().min(service_ports);
+        let counts = TableCounts {
+            services,
+            service_ports,
+            endpoints,
+            frontends: compiled.table.frontend_count(),
         };
         let table = Arc::new(compiled.table);
         self.publisher.publish(Tables {
@@ -343,6 +402,7 @@ impl Controller {
         });
         let duration = start.elapsed();
         self.published = Some(Arc::clone(&table));
+        self.retired.clear();
         self.pending = false;
         self.syncs += 1;
 
@@ -350,7 +410,6 @@ impl Controller {
         errors.extend(compiled.errors);
         let mut notices = view.notices.clone();
         notices.extend(compiled.notices);
-        let counts = TableCounts::of(&table);
         self.metrics
             .synced(duration, &counts, errors.len(), self.generation);
         let report = SyncReport {
@@ -504,27 +563,109 @@ impl Drop for ControllerHandle {
     }
 }
 
-/// Objects added, changed or removed between two lists, by namespace/name.
-fn changed<T: PartialEq>(old: &[T], new: &[T], meta: impl Fn(&T) -> &ObjectMeta) -> u64 {
-    fn key(m: &ObjectMeta) -> (&str, &str) {
-        (
-            m.namespace.as_deref().unwrap_or(""),
-            m.name.as_deref().unwrap_or(""),
-        )
-    }
-    let mut before: HashMap<(&str, &str), &T> = index(old, |o| key(meta(o)));
-    let mut n = 0;
-    for o in new {
-        match before.remove(&key(meta(o))) {
-            Some(prev) if prev == o => {}
-            _ => n += 1,
-        }
-    }
-    n + before.len() as u64
+/// Where each namespace/name sits in a view's lists (several places when an object is
+/// defined more than once), so that a changed name's definitions are found without a
+/// scan.
+#[derive(Debug, Default)]
+struct ViewIndex {
+    services: HashMap<ObjectKey, Vec<u32>>,
+    slices: HashMap<ObjectKey, Vec<u32>>,
 }
 
-fn index<'a, T, K: Hash + Eq>(items: &'a [T], key: impl Fn(&'a T) -> K) -> HashMap<K, &'a T> {
-    items.iter().map(|o| (key(o), o)).collect()
+impl ViewIndex {
+    fn of(view: &SourceView) -> Self {
+        Self {
+            services: positions(&view.services, |s| &s.metadata),
+            slices: positions(&view.slices, |s| &s.metadata),
+        }
+    }
+
+    /// The objects named `key` in `list`, in list order.
+    fn objects<T>(
+        &self,
+        list: &[Arc<T>],
+        index: &HashMap<ObjectKey, Vec<u32>>,
+        key: &ObjectKey,
+    ) -> Vec<Arc<T>> {
+        index
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|&i| list.get(i as usize).map(Arc::clone))
+            .collect()
+    }
+}
+
+fn positions<T>(list: &[Arc<T>], meta: impl Fn(&T) -> &ObjectMeta) -> HashMap<ObjectKey, Vec<u32>> {
+    let mut index: HashMap<ObjectKey, Vec<u32>> = HashMap::with_capacity(list.len());
+    for (i, o) in list.iter().enumerate() {
+        index
+            .entry(object_key_of(meta(o)))
+            .or_default()
+            .push(i as u32);
+    }
+    index
+}
+
+/// Finds the namespace/names whose objects differ between two versions of a list, adds
+/// them to `changed` and brings `index` (positions in `old`) up to `new`. Returns how
+/// many objects were added, changed or removed.
+///
+/// Sources hand on unchanged objects as the same `Arc`s, in the same order. So when the
+/// lists are as long and every object that is not the same `Arc` has the same name as the
+/// one it replaces (objects updated in place: the common case), the positions stand and
+/// only those objects are compared: a pointer comparison per object. Otherwise (objects
+/// added or removed) the lists are compared by name.
+fn diff<T: PartialEq>(
+    old: &[Arc<T>],
+    new: &[Arc<T>],
+    index: &mut HashMap<ObjectKey, Vec<u32>>,
+    meta: impl Fn(&T) -> &ObjectMeta,
+    changed: &mut BTreeSet<ObjectKey>,
+) -> u64 {
+    if old.len() == new.len() {
+        let mut moved: Vec<usize> = Vec::new();
+        let same_places = old.iter().zip(new).enumerate().all(|(i, (a, b))| {
+            if Arc::ptr_eq(a, b) {
+                return true;
+            }
+            moved.push(i);
+            object_key_of(meta(a)) == object_key_of(meta(b))
+        });
+        if same_places {
+            let mut n = 0;
+            for i in moved {
+                if old[i] != new[i] {
+                    n += 1;
+                    changed.insert(object_key_of(meta(&new[i])));
+                }
+            }
+            return n;
+        }
+    }
+    let new_index = positions(new, &meta);
+    let mut n = 0;
+    for (key, at) in &new_index {
+        let same = index.get(key).is_some_and(|was| {
+            was.len() == at.len()
+                && was.iter().zip(at).all(|(&w, &a)| {
+                    let (w, a) = (&old[w as usize], &new[a as usize]);
+                    Arc::ptr_eq(w, a) || w == a
+                })
+        });
+        if !same {
+            n += at.len().max(index.get(key).map_or(0, Vec::len)) as u64;
+            changed.insert(key.clone());
+        }
+    }
+    for (key, was) in index.iter() {
+        if !new_index.contains_key(key) {
+            n += was.len() as u64;
+            changed.insert(key.clone());
+        }
+    }
+    *index = new_index;
+    n
 }
 
 #[cfg(test)]
@@ -559,8 +700,8 @@ mod tests {
         let set = parse_manifests(yaml, "test.yaml");
         assert!(set.errors.is_empty(), "{:?}", set.errors);
         SourceEvent::View(SourceView {
-            services: set.services,
-            slices: set.slices,
+            services: set.services.into_iter().map(Arc::new).collect(),
+            slices: set.slices.into_iter().map(Arc::new).collect(),
             errors: Vec::new(),
             notices: set.notices,
         })
@@ -752,13 +893,41 @@ mod tests {
 
     #[test]
     fn changes_are_counted_by_object() {
-        let a = parse_manifests(&service("a", "10.96.0.10", &["10.244.1.2"]), "x").services;
-        let b = parse_manifests(&service("b", "10.96.0.11", &["10.244.1.2"]), "x").services;
-        let b2 = parse_manifests(&service("b", "10.96.0.12", &["10.244.1.2"]), "x").services;
-        let old = [a.clone(), b].concat();
-        assert_eq!(changed(&old, &old, |s| &s.metadata), 0);
-        assert_eq!(changed(&old, &a, |s| &s.metadata), 1);
-        assert_eq!(changed(&old, &[a, b2].concat(), |s| &s.metadata), 1);
-        assert_eq!(changed(&[], &old, |s| &s.metadata), 2);
+        let parse = |name: &str, ip: &str| -> Vec<Arc<k8s_openapi::api::core::v1::Service>> {
+            let yaml = service(name, ip, &["10.244.1.2"]);
+            parse_manifests(&yaml, "x")
+                .services
+                .into_iter()
+                .map(Arc::new)
+                .collect()
+        };
+        let (a, b, b2) = (
+            parse("a", "10.96.0.10"),
+            parse("b", "10.96.0.11"),
+            parse("b", "10.96.0.12"),
+        );
+        let run = |old: &[Arc<_>], new: &[Arc<_>]| {
+            let mut index = positions(old, |s: &k8s_openapi::api::core::v1::Service| &s.metadata);
+            let mut changed = BTreeSet::new();
+            let n = diff(old, new, &mut index, |s| &s.metadata, &mut changed);
+            assert_eq!(index, positions(new, |s| &s.metadata));
+            let names: Vec<String> = changed.into_iter().map(|(_, n)| n).collect();
+            (n, names)
+        };
+        let old = [a.clone(), b.clone()].concat();
+        assert_eq!(run(&old, &old), (0, vec![]));
+        // Removed, added: by name.
+        assert_eq!(run(&old, &a), (1, vec!["b".to_string()]));
+        assert_eq!(run(&a, &old), (1, vec!["b".to_string()]));
+        // Replaced in place: by position, and by content (an equal copy is no change).
+        assert_eq!(
+            run(&old, &[a.clone(), b2.clone()].concat()),
+            (1, vec!["b".to_string()])
+        );
+        let copy: Vec<Arc<_>> = old.iter().map(|s| Arc::new((**s).clone())).collect();
+        assert_eq!(run(&old, &copy), (0, vec![]));
+        // Reordered: by name, nothing changed.
+        assert_eq!(run(&old, &[b, a].concat()), (0, vec![]));
+        assert_eq!(run(&[], &old), (2, vec!["a".to_string(), "b".to_string()]));
     }
 }

@@ -93,8 +93,8 @@ fn healthz_and_metrics() {
     let set = parse_manifests(MANIFEST, "web.yaml");
     let report = controller
         .sync_once(SourceEvent::View(SourceView {
-            services: set.services,
-            slices: set.slices,
+            services: set.services.into_iter().map(Arc::new).collect(),
+            slices: set.slices.into_iter().map(Arc::new).collect(),
             errors: set.errors,
             notices: set.notices,
         }))

@@ -160,6 +160,61 @@ impl ServiceTable {
         Ok(())
     }
 
+    /// Replaces the service port at `id` (which must exist).
+    pub fn set_service_port(&mut self, id: ServicePortId, port: Arc<ServicePort>) {
+        self.service_ports[id.0 as usize] = port;
+    }
+
+    /// Removes the service port at `id` by moving the last one into its place; returns
+    /// the id the moved port had (its frontends must be pointed at `id`), if one moved.
+    /// Ids are per generation: nothing outside a generation may keep them.
+    pub fn swap_remove_service_port(&mut self, id: ServicePortId) -> Option<ServicePortId> {
+        let last = self.service_ports.len().checked_sub(1)?;
+        self.service_ports.swap_remove(id.0 as usize);
+        (id.0 as usize != last).then_some(ServicePortId(last as u32))
+    }
+
+    pub fn service_port_count(&self) -> usize {
+        self.service_ports.len()
+    }
+
+    /// Inserts or replaces a frontend, returning the one it replaced. Unlike
+    /// [`add_frontend`](Self::add_frontend) it leaves the ClusterIP and VIP address sets
+    /// alone: an incremental compiler that patches a table keeps them with
+    /// [`set_cluster_ip`](Self::set_cluster_ip) and [`set_vip`](Self::set_vip).
+    pub fn set_frontend(&mut self, key: FrontendKey, frontend: Frontend) -> Option<Frontend> {
+        self.frontends.insert(key, frontend)
+    }
+
+    /// Removes a frontend (the address sets are the caller's, as for
+    /// [`set_frontend`](Self::set_frontend)).
+    pub fn remove_frontend(&mut self, key: &FrontendKey) -> Option<Frontend> {
+        self.frontends.remove(key)
+    }
+
+    /// Marks `addr` as a ClusterIP, or no longer one.
+    pub fn set_cluster_ip(&mut self, addr: IpAddr, present: bool) {
+        if present {
+            self.cluster_ips.insert(addr);
+        } else {
+            self.cluster_ips.remove(&addr);
+        }
+    }
+
+    /// Marks `addr` as a service address (see [`is_vip`](Self::is_vip)), or no longer one.
+    pub fn set_vip(&mut self, addr: IpAddr, present: bool) {
+        if present {
+            self.vips.insert(addr);
+        } else {
+            self.vips.remove(&addr);
+        }
+    }
+
+    /// The ClusterIPs and the service addresses, for comparing tables.
+    pub fn addresses(&self) -> (&HashSet<IpAddr>, &HashSet<IpAddr>) {
+        (&self.cluster_ips, &self.vips)
+    }
+
     #[inline]
     pub fn frontend(&self, key: &FrontendKey) -> Option<Frontend> {
         self.frontends.get(key).copied()

@@ -18,14 +18,19 @@
 //! * **kxp full**: `compile_objects(.., previous: None)`, `Tables` built, `publish`ed
 //!   through a `TablePublisher`. The generation replaced stays referenced until the clock
 //!   has stopped (as the controller's `published` does; workers free it later).
-//! * **kxp one change**: one endpoint removed from one service's slice (then added back:
-//!   both are timed), compiled with the published table as `previous` (as the
-//!   `Controller` does) and published. Checked: the changed service port is a new `Arc`
-//!   with the new endpoint count, and every other service port is the previous `Arc`.
-//! * Both also through `Controller::sync_once(SourceEvent::View(..))`: that adds the
-//!   controller's change detection over the whole view, dropping the old view, and the
-//!   reuse count and table counts of its report. The view is built before the clock
-//!   starts (the source's job); how long cloning it takes is printed for reference.
+//! * **kxp one change, full recompile**: one endpoint removed from one service's slice
+//!   (then added back: both are timed), every object compiled again with the published
+//!   table as `previous` (reusing unchanged service ports) and published. Checked: the
+//!   changed service port is a new `Arc` with the new endpoint count, and every other
+//!   service port is the previous `Arc`.
+//! * **kxp one change, incremental**: the same changes through a `CompileState` (the
+//!   changed slice handed over, `finish`, `Tables` built, published), checked the same way.
+//! * Both also through `Controller::sync_once(SourceEvent::View(..))`, "from change seen to
+//!   tables live": the controller finds the changed objects in the view (pointer
+//!   comparison: sources hand unchanged objects on as the same `Arc`s), patches its
+//!   `CompileState`, publishes, and reports (counts, reuse, metrics, logs). The view is
+//!   built before the clock starts (the source's job: a copy of `Arc`s); how long that
+//!   takes is printed for reference.
 //! * Memory: the heap bytes of the objects and of one compiled table (a counting
 //!   allocator, switched on only for that untimed pass), and the process's VmHWM.
 //! * Kernel (root only; skipped with a message otherwise): in a throwaway network
@@ -57,7 +62,10 @@ use kxp_bench::kernel_rules::{
     KernelRulesConfig, KernelService,
 };
 use kxp_bench::{thread_cpu_time, Cluster, ClusterSpec, NODE_ADDR};
-use kxp_control::compile::{compile_objects, CompileOptions, LABEL_SERVICE_NAME};
+use kxp_control::compile::{
+    compile_objects, object_key_of, set_compile_threads, CompileOptions, CompileState,
+    LABEL_SERVICE_NAME,
+};
 use kxp_control::controller::{Controller, ControllerConfig};
 use kxp_control::ops::Metrics;
 use kxp_control::source::{SourceEvent, SourceView};
@@ -287,6 +295,19 @@ fn reset_peak_rss() {
 }
 
 /// Wall and thread-CPU milliseconds of `f`.
+/// CPU time of the whole process (every thread).
+fn process_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant the kernel
+    // knows.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 fn timed<T>(f: impl FnOnce() -> T) -> (T, f64, f64) {
     let (t, c) = (Instant::now(), thread_cpu_time());
     let out = f();
@@ -297,8 +318,8 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, f64, f64) {
 /// What the controller does between "view handed over" and "tables live", minus its
 /// bookkeeping: compile against `previous`, build `Tables`, publish.
 fn compile_publish(
-    services: &[Service],
-    slices: &[EndpointSlice],
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
     node: &Arc<NodeTable>,
     opts: &CompileOptions,
     publisher: &TablePublisher,
@@ -344,15 +365,21 @@ fn check_change(prev: &ServiceTable, next: &ServiceTable, key: &FrontendKey, wan
 
 struct Setup {
     ks: Vec<KernelService>,
-    services: Vec<Service>,
-    slices: Vec<EndpointSlice>,
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
     node: Arc<NodeTable>,
     opts: CompileOptions,
 }
 
 fn setup(n: usize) -> (Setup, isize) {
     let ks = synthetic_services(n, ENDPOINTS_PER_SERVICE);
-    let ((services, slices), objects_bytes, _) = counted(|| objects(&ks));
+    let ((services, slices), objects_bytes, _) = counted(|| {
+        let (services, slices) = objects(&ks);
+        (
+            services.into_iter().map(Arc::new).collect(),
+            slices.into_iter().map(Arc::new).collect(),
+        )
+    });
     let node = Arc::new(Cluster::node_table(&ClusterSpec::with_services(n)));
     (
         Setup {
@@ -419,26 +446,44 @@ fn child(n: usize, reps: usize, kernel: Result<KernelOpts, String>) -> Value {
     reset_peak_rss();
     let publisher = empty_publisher(&s.node);
     let mut generation = 0;
-    let (mut full, mut full_cpu) = (Vec::new(), Vec::new());
+    let (mut full, mut full_cpu, mut full_proc_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut full_1t, mut full_1t_cpu) = (Vec::new(), Vec::new());
     for _ in 0..reps {
-        let old = publisher.current();
-        generation += 1;
-        let (_, wall, cpu) = timed(|| {
-            compile_publish(
-                &s.services,
-                &s.slices,
-                &s.node,
-                &s.opts,
-                &publisher,
-                None,
-                generation,
-            )
-        });
-        drop(old);
-        full.push(wall);
-        full_cpu.push(cpu);
+        // Alternately on every CPU (the default) and on this thread only.
+        for threads in [0, 1] {
+            set_compile_threads(threads);
+            let old = publisher.current();
+            generation += 1;
+            let proc_start = process_cpu_time();
+            let (_, wall, cpu) = timed(|| {
+                compile_publish(
+                    &s.services,
+                    &s.slices,
+                    &s.node,
+                    &s.opts,
+                    &publisher,
+                    None,
+                    generation,
+                )
+            });
+            let proc_cpu = ms(process_cpu_time() - proc_start);
+            drop(old);
+            if threads == 0 {
+                full.push(wall);
+                full_cpu.push(cpu);
+                full_proc_cpu.push(proc_cpu);
+            } else {
+                full_1t.push(wall);
+                full_1t_cpu.push(cpu);
+            }
+        }
     }
-    eprintln!("[{n}] kxp full: median {:.1} ms", stats(&full).0);
+    set_compile_threads(0);
+    eprintln!(
+        "[{n}] kxp full: median {:.1} ms ({:.1} ms on one thread)",
+        stats(&full).0,
+        stats(&full_1t).0
+    );
 
     // (b) One endpoint change, removed then added back, with reuse.
     let (mut remove, mut add, mut change_cpu) = (Vec::new(), Vec::new(), Vec::new());
@@ -447,7 +492,10 @@ fn child(n: usize, reps: usize, kernel: Result<KernelOpts, String>) -> Value {
         let key = frontend_key(&s.ks[i]);
         for removing in [true, false] {
             let ep = if removing {
-                let ep = s.slices[i].endpoints.pop().expect("an endpoint to remove");
+                let ep = Arc::make_mut(&mut s.slices[i])
+                    .endpoints
+                    .pop()
+                    .expect("an endpoint to remove");
                 Some(ep)
             } else {
                 None
@@ -470,7 +518,7 @@ fn child(n: usize, reps: usize, kernel: Result<KernelOpts, String>) -> Value {
             check_change(&prev.services, &table, &key, want);
             if let Some(ep) = ep {
                 remove.push(wall);
-                s.slices[i].endpoints.push(ep);
+                Arc::make_mut(&mut s.slices[i]).endpoints.push(ep);
             } else {
                 add.push(wall);
             }
@@ -478,7 +526,70 @@ fn child(n: usize, reps: usize, kernel: Result<KernelOpts, String>) -> Value {
         }
     }
     let change: Vec<f64> = remove.iter().chain(&add).copied().collect();
-    eprintln!("[{n}] kxp one change: median {:.2} ms", stats(&change).0);
+    eprintln!(
+        "[{n}] kxp one change, full recompile: median {:.2} ms",
+        stats(&change).0
+    );
+
+    // (c) The same changes through a CompileState: only the changed slice's service is
+    // compiled again, and the table patched.
+    let mut state = CompileState::build(
+        &s.services,
+        &s.slices,
+        (*s.node).clone(),
+        s.opts.clone(),
+        None,
+    );
+    let first = state.finish();
+    assert!(first.errors.is_empty());
+    assert_eq!(state.take_new_ports(), ports);
+    assert_eq!(first.table.service_ports().count(), ports);
+    generation += 1;
+    publisher.publish(Tables {
+        services: Arc::new(first.table),
+        node: Arc::clone(&s.node),
+    });
+    let (mut inc, mut inc_cpu) = (Vec::new(), Vec::new());
+    for k in 0..reps {
+        let i = changed_service(k, n);
+        let key = frontend_key(&s.ks[i]);
+        for removing in [true, false] {
+            let mut slice = (*s.slices[i]).clone();
+            let held = if removing {
+                slice.endpoints.pop()
+            } else {
+                None
+            };
+            if !removing {
+                slice = (*s.slices[i]).clone();
+            }
+            let changed = [Arc::new(slice)];
+            let prev = publisher.current();
+            generation += 1;
+            let (table, wall, cpu) = timed(|| {
+                state.set_slices(object_key_of(&changed[0].metadata), &changed);
+                let mut compiled = state.finish();
+                compiled.table.generation = generation;
+                let table = Arc::new(compiled.table);
+                publisher.publish(Tables {
+                    services: Arc::clone(&table),
+                    node: Arc::clone(&s.node),
+                });
+                table
+            });
+            assert!(Arc::ptr_eq(&publisher.current().services, &table));
+            let want = ENDPOINTS_PER_SERVICE - usize::from(held.is_some());
+            check_change(&prev.services, &table, &key, want);
+            assert_eq!(state.take_new_ports(), 1);
+            inc.push(wall);
+            inc_cpu.push(cpu);
+        }
+    }
+    drop(state);
+    eprintln!(
+        "[{n}] kxp one change, incremental: median {:.3} ms",
+        stats(&inc).0
+    );
     let hwm_core_kb = proc_status_kb("VmHWM:");
 
     // Floors for an incremental compile: one service compiled alone (Maglev table
@@ -514,18 +625,29 @@ fn child(n: usize, reps: usize, kernel: Result<KernelOpts, String>) -> Value {
         controller = Some(c);
     }
     let mut c = controller.expect("a controller");
+    let (mut ctl_change_cpu, mut ctl_change_total) = (Vec::new(), Vec::new());
     for k in 0..reps {
         let i = changed_service(k, n);
         for removing in [true, false] {
-            // One view at a time: the source's copy (`s`), the controller's, this one.
+            // The source's next view: the same `Arc`s but for the changed slice.
             let mut v = view(&s);
+            let mut slice = (*v.slices[i]).clone();
             if removing {
-                v.slices[i].endpoints.pop();
+                slice.endpoints.pop();
             }
-            let (report, wall, _) = timed(|| c.sync_once(SourceEvent::View(v)));
+            v.slices[i] = Arc::new(slice);
+            // "Change seen" is the view handed over; "tables live" is the publish
+            // (`SyncReport::duration` ends there). The rest of `sync` (freeing the
+            // replaced view and table, metrics, logs) is timed too, as the total.
+            let (queued, apply_wall, apply_cpu) = timed(|| c.apply(SourceEvent::View(v)));
+            assert!(queued);
+            let (report, wall, cpu) = timed(|| c.sync());
             let report = report.expect("a sync");
             assert_eq!(report.reused_ports, ports - 1);
-            ctl_change.push(wall);
+            assert_eq!(report.counts.endpoints, endpoints - usize::from(removing));
+            ctl_change.push(apply_wall + ms(report.duration));
+            ctl_change_total.push(apply_wall + wall);
+            ctl_change_cpu.push(apply_cpu + cpu);
         }
     }
     drop(c);
@@ -558,12 +680,19 @@ fn child(n: usize, reps: usize, kernel: Result<KernelOpts, String>) -> Value {
         "table_clone": table_clone,
         "kxp_full": full,
         "kxp_full_cpu": full_cpu,
+        "kxp_full_process_cpu": full_proc_cpu,
+        "kxp_full_1thread": full_1t,
+        "kxp_full_1thread_cpu": full_1t_cpu,
         "kxp_change_remove": remove,
         "kxp_change_add": add,
         "kxp_change": change,
         "kxp_change_cpu": change_cpu,
         "controller_full": ctl_full,
         "controller_change": ctl_change,
+        "controller_change_cpu": ctl_change_cpu,
+        "controller_change_total": ctl_change_total,
+        "kxp_incremental": inc,
+        "kxp_incremental_cpu": inc_cpu,
         "view_clone": clone_ms,
         "kernel": kernel_result,
     })
@@ -762,9 +891,11 @@ fn profile(mode: &str, n: usize, iterations: usize) {
         for k in 0..iterations {
             let i = changed_service(k / 2, n);
             let mut v = view(&s);
+            let mut slice = (*v.slices[i]).clone();
             if k % 2 == 0 {
-                v.slices[i].endpoints.pop();
+                slice.endpoints.pop();
             }
+            v.slices[i] = Arc::new(slice);
             let t = Instant::now();
             c.sync_once(SourceEvent::View(v)).expect("a sync");
             times.push(ms(t.elapsed()));
@@ -794,9 +925,10 @@ fn profile(mode: &str, n: usize, iterations: usize) {
             "full" => None,
             "change" => {
                 let i = changed_service(k / 2, n);
+                let slice = Arc::make_mut(&mut s.slices[i]);
                 match held.take() {
-                    None => held = s.slices[i].endpoints.pop(),
-                    Some(ep) => s.slices[i].endpoints.push(ep),
+                    None => held = slice.endpoints.pop(),
+                    Some(ep) => slice.endpoints.push(ep),
                 }
                 Some(&prev.services)
             }
@@ -875,13 +1007,37 @@ fn print_table(results: &[Value]) {
     row("kxp full: compile+publish (ms)", &|r| {
         cell(&arr(r, "kxp_full"))
     });
-    row("  same, thread CPU (ms)", &|r| {
+    row("  same, CPU of the calling thread (ms)", &|r| {
         cell(&arr(r, "kxp_full_cpu"))
+    });
+    row("  same, CPU of the process, all threads (ms)", &|r| {
+        cell(&arr(r, "kxp_full_process_cpu"))
+    });
+    row("kxp full, compile on one thread (ms)", &|r| {
+        cell(&arr(r, "kxp_full_1thread"))
+    });
+    row("  same, thread CPU (ms)", &|r| {
+        cell(&arr(r, "kxp_full_1thread_cpu"))
     });
     row("kxp full via Controller (ms)", &|r| {
         cell(&arr(r, "controller_full"))
     });
-    row("kxp one change: compile+publish (ms)", &|r| {
+    row("kxp one change, incremental: compile+publish (ms)", &|r| {
+        cell(&arr(r, "kxp_incremental"))
+    });
+    row("  same, thread CPU (ms)", &|r| {
+        cell(&arr(r, "kxp_incremental_cpu"))
+    });
+    row("kxp one change via Controller, seen -> live (ms)", &|r| {
+        cell(&arr(r, "controller_change"))
+    });
+    row("  whole apply + sync, freeing included (ms)", &|r| {
+        cell(&arr(r, "controller_change_total"))
+    });
+    row("  apply + sync, thread CPU (ms)", &|r| {
+        cell(&arr(r, "controller_change_cpu"))
+    });
+    row("kxp one change, full recompile (ms)", &|r| {
         cell(&arr(r, "kxp_change"))
     });
     row("  remove / add medians (ms)", &|r| {
@@ -893,9 +1049,6 @@ fn print_table(results: &[Value]) {
     });
     row("  same, thread CPU (ms)", &|r| {
         cell(&arr(r, "kxp_change_cpu"))
-    });
-    row("kxp one change via Controller (ms)", &|r| {
-        cell(&arr(r, "controller_change"))
     });
     row("  (view clone, before handover) (ms)", &|r| {
         cell(&arr(r, "view_clone"))
@@ -925,7 +1078,10 @@ fn print_table(results: &[Value]) {
     row("nft full / kxp full", &|r| {
         ratio(kmed(r, "nft_full"), med(r, "kxp_full"))
     });
-    row("nft change / kxp change", &|r| {
+    row("nft change / kxp change via Controller", &|r| {
+        ratio(kmed(r, "nft_change"), med(r, "controller_change"))
+    });
+    row("nft change / kxp change, full recompile", &|r| {
         ratio(kmed(r, "nft_change"), med(r, "kxp_change"))
     });
     row("iptables-legacy full / kxp full", &|r| {

@@ -524,18 +524,15 @@ impl State {
     }
 }
 
-/// A store's objects, cloned, in namespace/name order.
-fn sorted<K: Resource + Clone>(store: &Store<K>) -> Vec<K>
+/// A store's objects (shared with the store), in namespace/name order.
+fn sorted<K: Resource + Clone>(store: &Store<K>) -> Vec<Arc<K>>
 where
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
-    let mut objects: Vec<K> = store.state().iter().map(|o| (**o).clone()).collect();
+    let mut objects: Vec<Arc<K>> = store.state();
     objects.sort_by(|a, b| {
-        let key = |o: &K| {
-            let m = o.meta();
-            (m.namespace.clone(), m.name.clone())
-        };
-        key(a).cmp(&key(b))
+        let (a, b) = (a.meta(), b.meta());
+        (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name))
     });
     objects
 }

@@ -47,9 +47,12 @@ use std::hash::Hasher;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 
@@ -97,11 +100,41 @@ struct Fingerprint {
     hash: u64,
 }
 
+/// A file's objects as the view hands them on: shared, so that a view costs a pointer
+/// copy per object and the controller can tell unchanged objects by pointer.
+#[derive(Debug, Default)]
+struct LiveContent {
+    services: Vec<Arc<Service>>,
+    slices: Vec<Arc<EndpointSlice>>,
+    notices: Vec<String>,
+}
+
+impl LiveContent {
+    /// The content of a new load; objects equal to the one at the same place in the
+    /// previous content keep its `Arc` (an edit of one object among many changes one).
+    fn new(set: ManifestSet, previous: Option<&LiveContent>) -> Self {
+        fn keep<T: PartialEq>(new: Vec<T>, old: Option<&Vec<Arc<T>>>) -> Vec<Arc<T>> {
+            new.into_iter()
+                .enumerate()
+                .map(|(i, o)| match old.and_then(|old| old.get(i)) {
+                    Some(prev) if **prev == o => Arc::clone(prev),
+                    _ => Arc::new(o),
+                })
+                .collect()
+        }
+        Self {
+            services: keep(set.services, previous.map(|p| &p.services)),
+            slices: keep(set.slices, previous.map(|p| &p.slices)),
+            notices: set.notices,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct FileState {
     fingerprint: Option<Fingerprint>,
-    /// The content in force (its `errors` are always empty: they live in `errors`).
-    live: ManifestSet,
+    /// The content in force.
+    live: LiveContent,
     /// Whether `live` came from a clean load (then a broken version never replaces it).
     clean: bool,
     /// Problems with the file's current content.
@@ -187,8 +220,9 @@ impl ManifestFiles {
         let mut view = SourceView::default();
         view.errors.extend(self.root_error.iter().cloned());
         for state in self.files.values() {
-            view.services.extend(state.live.services.iter().cloned());
-            view.slices.extend(state.live.slices.iter().cloned());
+            view.services
+                .extend(state.live.services.iter().map(Arc::clone));
+            view.slices.extend(state.live.slices.iter().map(Arc::clone));
             view.notices.extend(state.live.notices.iter().cloned());
             view.errors.extend(state.errors.iter().cloned());
         }
@@ -238,7 +272,7 @@ impl ManifestFiles {
                 let errors = vec![ConfigError::io(&shown, format!("{e}; {KEEPING_LAST_GOOD}"))];
                 let state = self.files.entry(path).or_insert_with(|| FileState {
                     fingerprint: None,
-                    live: ManifestSet::default(),
+                    live: LiveContent::default(),
                     clean: false,
                     errors: Vec::new(),
                 });
@@ -295,10 +329,10 @@ impl ManifestFiles {
                     errors,
                 }
             }
-            _ => FileState {
+            prev => FileState {
                 fingerprint: Some(fingerprint),
                 clean: errors.is_empty(),
-                live: set,
+                live: LiveContent::new(set, prev.as_ref().map(|p| &p.live)),
                 errors,
             },
         };
