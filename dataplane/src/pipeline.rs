@@ -43,6 +43,13 @@ pub struct WorkerConfig {
     pub snat_ports: (u16, u16),
     /// Ports probed for a free masquerade tuple before the flow is dropped (fail fast).
     pub snat_probe_limit: u16,
+    /// After a probe run for a (backend, masquerade address) found no free port, new flows
+    /// to that backend probe at most this many ports for the next
+    /// [`snat_exhausted_backoff_ms`](Self::snat_exhausted_backoff_ms): a full port space
+    /// then costs a few lookups per packet, not `snat_probe_limit` of them, while flows
+    /// still get the ports that free up.
+    pub snat_exhausted_probe_limit: u16,
+    pub snat_exhausted_backoff_ms: u32,
     /// kube-proxy's masqueradeAll.
     pub masquerade_all: bool,
     pub conntrack: ConntrackConfig,
@@ -64,6 +71,8 @@ impl Default for WorkerConfig {
             worker_count: 1,
             snat_ports: (32768, 60999),
             snat_probe_limit: 64,
+            snat_exhausted_probe_limit: 4,
+            snat_exhausted_backoff_ms: 100,
             masquerade_all: false,
             conntrack: ConntrackConfig::default(),
             affinity_capacity: 65536,
@@ -91,6 +100,9 @@ pub struct Worker {
     snat_span: u16,
     /// Where the purge after a table change has got to; `None` when there is none.
     revalidate_cursor: Option<usize>,
+    /// Masquerade targets whose port space was found full, until when (ns): see
+    /// [`WorkerConfig::snat_exhausted_probe_limit`]. Bounded; cleared when full.
+    snat_exhausted: HashMap<SnatTarget, u64>,
     /// ICMP error budget: tokens left, and when they were last topped up.
     icmp_tokens: u32,
     icmp_refilled_ns: u64,
@@ -109,6 +121,7 @@ impl Worker {
             snat_lo,
             snat_span: span.min(u16::MAX as u32) as u16,
             revalidate_cursor: None,
+            snat_exhausted: HashMap::with_capacity(SNAT_EXHAUSTED_CAPACITY),
             icmp_tokens: icmp_burst(cfg.icmp_errors_per_sec),
             icmp_refilled_ns: 0,
             cfg,
@@ -579,7 +592,7 @@ impl Worker {
     /// taken (the caller drops and counts: fail fast rather than search).
     /// `lb_hash` is `key.lb_hash()`.
     fn allocate_snat_port(
-        &self,
+        &mut self,
         key: &FlowKey,
         lb_hash: u64,
         addr: IpAddr,
@@ -588,7 +601,19 @@ impl Worker {
     ) -> Option<u16> {
         let span = self.snat_span as u64;
         let start = (lb_hash >> 20) % span;
-        for i in 0..(self.cfg.snat_probe_limit as u64).min(span) {
+        let target = SnatTarget {
+            backend: backend.0,
+            port: backend.1,
+            proto: key.proto,
+            snat: addr,
+        };
+        let limit = match self.snat_exhausted.get(&target) {
+            Some(&until) if until > now_ns => self.cfg.snat_exhausted_probe_limit,
+            _ => self.cfg.snat_probe_limit,
+        };
+        let probes = (limit as u64).min(span);
+        for i in 0..probes {
+            self.counters.snat_probes += 1;
             let port = self.snat_lo + ((start + i) % span) as u16;
             let reply = FlowKey {
                 src: backend.0,
@@ -600,6 +625,14 @@ impl Worker {
             if !self.conntrack.reply_tuple_in_use(&reply, now_ns) {
                 return Some(port);
             }
+        }
+        if limit == self.cfg.snat_probe_limit {
+            if self.snat_exhausted.len() >= SNAT_EXHAUSTED_CAPACITY {
+                // Within the reserved capacity: clearing never allocates.
+                self.snat_exhausted.clear();
+            }
+            let backoff_ns = u64::from(self.cfg.snat_exhausted_backoff_ms) * 1_000_000;
+            self.snat_exhausted.insert(target, now_ns + backoff_ns);
         }
         None
     }
@@ -755,6 +788,18 @@ fn flow_still_backed(t: &Tables, m: &crate::conntrack::FlowMatch) -> bool {
             .iter()
             .any(|b| b.addr == m.nat.backend && b.port == m.nat.backend_port)
     })
+}
+
+/// Masquerade targets remembered as full, per worker, at most.
+const SNAT_EXHAUSTED_CAPACITY: usize = 1024;
+
+/// Where masqueraded flows go: one port space per (backend, protocol, SNAT address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SnatTarget {
+    backend: IpAddr,
+    port: u16,
+    proto: L4Proto,
+    snat: IpAddr,
 }
 
 /// Tokens an ICMP error budget of `per_sec` holds at most.

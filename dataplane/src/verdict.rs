@@ -208,6 +208,9 @@ pub struct Counters {
     pub affinity_full: u64,
     /// Flows purged because a new table generation no longer backs them.
     pub purged_flows: u64,
+    /// Masquerade ports probed (looked up in conntrack) for new flows: the work a full
+    /// SNAT port space costs (see [`crate::pipeline::WorkerConfig::snat_exhausted_probe_limit`]).
+    pub snat_probes: u64,
 }
 
 impl Counters {
@@ -254,6 +257,7 @@ impl Counters {
         self.vlan_tagged += o.vlan_tagged;
         self.affinity_full += o.affinity_full;
         self.purged_flows += o.purged_flows;
+        self.snat_probes += o.snat_probes;
     }
 
     /// (name, value) for every counter, for metrics and reports.
@@ -283,6 +287,7 @@ impl Counters {
         v.push(("vlan_tagged".into(), self.vlan_tagged));
         v.push(("affinity_full".into(), self.affinity_full));
         v.push(("purged_flows".into(), self.purged_flows));
+        v.push(("snat_probes".into(), self.snat_probes));
         v
     }
 }
