@@ -86,5 +86,13 @@ fn pods_appearing_and_going_at_run_time() {
     assert_eq!(node.xdp_programs(), 0, "{log}");
     assert_eq!(log.matches("pod interface added").count(), 2, "{log}");
     assert_eq!(counter(&log, "driver.ports_removed"), 2, "{log}");
-    assert_eq!(counter(&log, "driver.pass_not_reinjected"), 0, "{log}");
+    // Frames the pipeline passed could not go back to the kernel; the only ones expected
+    // are late frames (FIN, ACK) of flows purged when their pod went away, whose reply
+    // tuples were still steered: no service, no flow. Under load a few arrive.
+    let passed = counter(&log, "driver.pass_not_reinjected");
+    assert_eq!(passed, counter(&log, "pipeline.pass_not_service"), "{log}");
+    assert!(
+        passed <= counter(&log, "pipeline.purged_flows"),
+        "more passed frames than purged flows:\n{log}"
+    );
 }
