@@ -416,8 +416,6 @@ pub fn with_neighbours(base: &NodeTable, learned: &[KernelNeighbour]) -> NodeTab
 #[derive(Debug)]
 pub struct HostVeth {
     name: String,
-    /// MAC of the kxp side (the next hop's neighbour entry).
-    kxp_mac: Option<String>,
     /// LoadBalancer and ExternalIP addresses routed into the stack side.
     routed: std::collections::BTreeSet<IpAddr>,
     /// The NodePort policy rules installed.
@@ -523,7 +521,6 @@ impl HostVeth {
         .map_err(RunError::Setup)?;
         let me = Self {
             name: name.into(),
-            kxp_mac: None,
             routed: Default::default(),
             node_port_rules: Vec::new(),
         };
@@ -579,7 +576,6 @@ impl HostVeth {
             .find(|l| l.name == k)
             .map(|l| fmt_mac(&l.mac))
             .ok_or_else(|| RunError::Setup(format!("host veth {k} vanished")))?;
-        self.kxp_mac = Some(kmac.clone());
         for (family, gw) in [("-4", HOST_GW_V4), ("-6", HOST_GW_V6)] {
             let has_address = node
                 .addresses
@@ -610,23 +606,13 @@ impl HostVeth {
             let Some((_, src)) = node.masquerade_address(&cidr.addr()) else {
                 continue;
             };
+            // The gateway's neighbour entry is in place: a family with a masquerade
+            // address has a node address, and the loop above served it.
             let gw = if cidr.addr().is_ipv4() {
                 HOST_GW_V4
             } else {
                 HOST_GW_V6
             };
-            ip_cmd(&[
-                "neigh",
-                "replace",
-                gw,
-                "lladdr",
-                &kmac,
-                "dev",
-                &self.name,
-                "nud",
-                "permanent",
-            ])
-            .map_err(RunError::Setup)?;
             ip_cmd(&[
                 "route",
                 "replace",
