@@ -42,6 +42,7 @@
 //! | `kxp_table_generation` | gauge | generation of the published table |
 //! | `kxp_dataplane_frames_total{worker,verdict,reason}` | counter | frames per verdict reason, per worker |
 //! | `kxp_dataplane_events_total{worker,event}` | counter | other worker counters (`vlan_tagged`, `purged_flows`, ...) |
+//! | `kxp_afxdp_driver_total{worker,counter}` | counter | AF_XDP driver counters per worker (`tx_ring_full`, `tx_kicks`, `kernel_rx_ring_full`, ...; see `DriverCounters`) |
 //!
 //! The dataplane counters are read on each scrape from a callback
 //! ([`Metrics::set_dataplane_counters`]) that returns copies the workers published: the
@@ -100,6 +101,9 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 
 /// Returns copies of each worker's counters (index = worker).
 pub type CounterSource = Box<dyn Fn() -> Vec<Counters> + Send + Sync>;
+
+/// Returns each worker's AF_XDP driver counters as (name, value) (index = worker).
+pub type DriverCounterSource = Box<dyn Fn() -> Vec<Vec<(&'static str, u64)>> + Send + Sync>;
 
 type CodeLabels = [(&'static str, &'static str); 1];
 
@@ -335,6 +339,18 @@ impl Metrics {
             .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(source));
     }
 
+    /// Where the AF_XDP driver counters come from, read on each scrape.
+    pub fn set_driver_counters(
+        &self,
+        source: impl Fn() -> Vec<Vec<(&'static str, u64)>> + Send + Sync + 'static,
+    ) {
+        *self
+            .dataplane
+            .driver
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Box::new(source));
+    }
+
     pub fn health(&self) -> Health {
         self.health_at(Instant::now(), SystemTime::now())
     }
@@ -372,6 +388,7 @@ impl Metrics {
 #[derive(Default)]
 struct DataplaneCollector {
     source: RwLock<Option<CounterSource>>,
+    driver: RwLock<Option<DriverCounterSource>>,
 }
 
 impl std::fmt::Debug for DataplaneCollector {
@@ -384,6 +401,27 @@ const VERDICTS: [&str; 4] = ["forward", "pass", "drop", "reject"];
 
 impl Collector for DataplaneCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let drivers = match &*self.driver.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(source) => source(),
+            None => Vec::new(),
+        };
+        if !drivers.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "kxp_afxdp_driver",
+                "AF_XDP driver counters (frames, kicks, ring-full drops, the kernel's socket statistics), per worker",
+                None,
+                MetricType::Counter,
+            )?;
+            for (worker, counters) in drivers.iter().enumerate() {
+                let worker = worker.to_string();
+                for (name, value) in counters {
+                    let labels = [("worker", worker.as_str()), ("counter", *name)];
+                    family
+                        .encode_family(&labels)?
+                        .encode_counter::<NoLabelSet, _, u64>(value, None)?;
+                }
+            }
+        }
         let workers = match &*self.source.read().unwrap_or_else(|e| e.into_inner()) {
             Some(source) => source(),
             None => return Ok(()),
@@ -687,5 +725,26 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("worker=\"1\""));
+    }
+
+    #[test]
+    fn driver_counters_are_a_labelled_family() {
+        let m = Metrics::new(Duration::from_secs(10));
+        m.set_driver_counters(|| {
+            vec![
+                vec![("tx_ring_full", 7), ("tx_kicks", 3)],
+                vec![("tx_ring_full", 0)],
+            ]
+        });
+        let text = m.encode();
+        assert!(text.contains("# TYPE kxp_afxdp_driver counter"), "{text}");
+        assert!(
+            text.contains("kxp_afxdp_driver_total{worker=\"0\",counter=\"tx_ring_full\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kxp_afxdp_driver_total{worker=\"1\",counter=\"tx_ring_full\"} 0"),
+            "{text}"
+        );
     }
 }

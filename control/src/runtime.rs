@@ -961,6 +961,12 @@ impl Runtime {
                         .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).pipeline.clone())
                         .collect()
                 });
+                let s = Arc::clone(&stats);
+                metrics.set_driver_counters(move || {
+                    s.iter()
+                        .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).driver.named())
+                        .collect()
+                });
                 let server = OpsServer::bind(addr, Arc::clone(&metrics))
                     .map_err(|e| RunError::Setup(format!("cannot listen on {addr}: {e}")))?;
                 tracing::info!(addr = %server.local_addr(), "serving /healthz, /livez, /metrics");

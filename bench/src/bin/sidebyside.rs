@@ -1002,23 +1002,37 @@ fn kxp_metrics(topo: &Topo) -> BTreeMap<String, f64> {
     .unwrap_or_default()
 }
 
-/// kxp's frame counters summed over workers: "verdict/reason" -> frames.
+/// The value of label `name` in a Prometheus label set (`a="x",b="y"}`).
+fn label(labels: &str, name: &str) -> String {
+    labels
+        .split(',')
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+        .map(|x| x.trim_end_matches(['}', '"']).to_string())
+        .unwrap_or_default()
+}
+
+/// kxp's counters summed over workers: the pipeline's "verdict/reason" -> frames and
+/// "worker<i>/frames", and the AF_XDP driver's "driver/<counter>" (frames received and
+/// sent, TX ring full, kicks, the kernel's RX ring full / fill ring empty, ...), so that
+/// every frame the generator offered and the sink did not see is attributed.
 fn kxp_frame_counters(m: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for (k, v) in m {
+        if let Some(labels) = k.strip_prefix("kxp_afxdp_driver_total{") {
+            *out.entry(format!("driver/{}", label(labels, "counter")))
+                .or_insert(0.0) += v;
+            continue;
+        }
         let Some(labels) = k.strip_prefix("kxp_dataplane_frames_total{") else {
             continue;
         };
-        let get = |name: &str| {
-            labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
-                .map(|x| x.trim_end_matches(['}', '"']).to_string())
-                .unwrap_or_default()
-        };
-        *out.entry(format!("{}/{}", get("verdict"), get("reason")))
-            .or_insert(0.0) += v;
-        *out.entry(format!("worker{}/frames", get("worker")))
+        *out.entry(format!(
+            "{}/{}",
+            label(labels, "verdict"),
+            label(labels, "reason")
+        ))
+        .or_insert(0.0) += v;
+        *out.entry(format!("worker{}/frames", label(labels, "worker")))
             .or_insert(0.0) += v;
     }
     out

@@ -3,8 +3,10 @@
 //! Every frame received on `--in` is transmitted on `--out`, unchanged except its
 //! Ethernet destination (and, with `--out-src-mac`, source) address. It uses what kxp's
 //! driver uses, minus the pipeline: xsk-rs, one UMEM shared by the two sockets, batches
-//! of 64, need_wakeup with the same fill-ring wakeups and the same "kick while anything
-//! is outstanding" rule, the same loop order (per socket: completions, fill, receive,
+//! of 64, need_wakeup with the same fill-ring wakeups and the same TX policy ("kick while
+//! anything is outstanding", more kicks in a round while the TX ring still holds unsent
+//! frames, kick and retry before dropping a frame the TX ring has no room for, bounded by
+//! `--tx-kicks`), the same loop order (per socket: completions, fill, receive,
 //! transmit; then kicks) and the same idle policy (spin `--busy-poll-us`, then sleep in
 //! `poll` up to `--idle-sleep-us`; `--busy-poll` never sleeps). The XDP program
 //! redirects every frame to the socket of its queue (counted), where kxp's steering
@@ -69,10 +71,13 @@ struct Args {
     /// Bind in copy mode explicitly (the default lets the kernel choose, as kxp does).
     #[arg(long)]
     copy: bool,
-    /// TX kicks per round while frames are outstanding (kxp kicks once; copy-mode TX
-    /// sends a bounded batch, 32 frames, per kick). Completions are reaped between
-    /// kicks. 1 to 16.
-    #[arg(long, default_value_t = 1)]
+    /// Most TX kicks per socket per round, and per staged batch that finds the TX ring
+    /// full (kxp's driver: 8). Copy-mode TX sends a bounded batch, 32 frames, per kick;
+    /// after the first kick (made while anything is outstanding) more are made only while
+    /// the ring still holds frames the kernel has not taken and the last kick made
+    /// progress. Completions are reaped between kicks. 1 to 16; 1 is the old policy (one
+    /// kick per round, staged frames that find the ring full are dropped at once).
+    #[arg(long, default_value_t = 8)]
     tx_kicks: u32,
     /// Written (with the pid) once both sockets are up and XDP is attached.
     #[arg(long)]
@@ -91,6 +96,8 @@ struct Counters {
     tx: u64,
     tx_completed: u64,
     tx_ring_full: u64,
+    /// Kicks made because staged frames found the TX ring full (then produced again).
+    tx_full_kicks: u64,
     out_rx_dropped: u64,
     multi_buffer: u64,
     runt: u64,
@@ -152,6 +159,7 @@ fn run(a: Args) -> Result<(), String> {
     }
     write_ready(a.ready_file.as_deref()).map_err(|e| format!("ready file: {e}"))?;
 
+    let ring = cfg.ring_size;
     let mut descs = [FrameDesc::default(); BATCH];
     let mut staged = [FrameDesc::default(); BATCH];
     let busy = Duration::from_micros(a.busy_poll_us);
@@ -220,27 +228,48 @@ fn run(a: Args) -> Result<(), String> {
                 staged[staged_len] = *d;
                 staged_len += 1;
             }
-            let out = &mut ports[OUT];
-            // SAFETY: every staged descriptor names a frame of this UMEM we own, length
-            // set by the kernel on receive; produced frames are the kernel's until they
-            // complete.
-            let sent = unsafe { out.tx.produce(&staged[..staged_len]) };
-            out.outstanding += sent as u64;
+            let mut sent = 0;
+            for attempt in 0..a.tx_kicks {
+                if attempt > 0 {
+                    let (k, e) = xsk.kick(OUT);
+                    c.tx_kicks += k as u64;
+                    c.tx_full_kicks += k as u64;
+                    c.tx_kick_errors += e as u64;
+                    if !k || e {
+                        break;
+                    }
+                    c.tx_completed += xsk.complete(OUT, &mut descs) as u64;
+                }
+                let out = &mut xsk.ports[OUT];
+                // SAFETY: every staged descriptor names a frame of this UMEM we own,
+                // length set by the kernel on receive; produced frames are the kernel's
+                // until they complete.
+                let done = unsafe { out.tx.produce(&staged[sent..staged_len]) };
+                out.outstanding += done as u64;
+                sent += done;
+                if sent == staged_len {
+                    break;
+                }
+            }
             c.tx += sent as u64;
             c.tx_ring_full += (staged_len - sent) as u64;
-            free.extend_from_slice(&staged[sent..staged_len]);
+            xsk.free.extend_from_slice(&staged[sent..staged_len]);
         }
         for i in [IN, OUT] {
-            for round in 0..a.tx_kicks {
-                if round > 0 {
-                    c.tx_completed += xsk.complete(i, &mut descs) as u64;
-                }
+            let mut unsent = u32::MAX;
+            for _ in 0..a.tx_kicks {
                 let (k, e) = xsk.kick(i);
                 c.tx_kicks += k as u64;
                 c.tx_kick_errors += e as u64;
-                if !k {
+                if !k || e {
                     break;
                 }
+                c.tx_completed += xsk.complete(i, &mut descs) as u64;
+                let left = ring - xsk.ports[i].tx.nb_free_exact().min(ring);
+                if left == 0 || left >= unsent {
+                    break;
+                }
+                unsent = left;
             }
         }
         if work > 0 {
@@ -320,6 +349,7 @@ fn run(a: Args) -> Result<(), String> {
         "cpu_ns_per_frame": if c.tx > 0 { cpu * 1e9 / c.tx as f64 } else { 0.0 },
         "tx_kicks": c.tx_kicks,
         "tx_kick_errors": c.tx_kick_errors,
+        "tx_full_kicks": c.tx_full_kicks,
         "fill_wakeups": c.fill_wakeups,
         "idle_sleeps": c.idle_sleeps,
     });

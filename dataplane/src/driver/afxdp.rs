@@ -20,13 +20,24 @@
 //! fill ring from the free list, take up to [`BATCH_SIZE`] received frames, hand those
 //! another worker owns to it (below), run the rest through the pipeline as one batch
 //! ([`Worker::process_batch`]), and stage the forwarded ones on their egress socket; then
-//! the same for frames other workers handed over. After each batch the
-//! staged frames are produced to their TX rings, the reply tuples of new untranslated
-//! flows are written to the steering map (one system call), and only then is any TX
-//! kicked, so a reply can never overtake its steering entry. Every round kicks every
-//! socket whose produced-minus-completed count is above zero: copy-mode TX sends a bounded
-//! number of frames per `sendto`, and frames left in the ring would otherwise wait forever
-//! (AFXDP-NOTES trap 2). Between rounds: table refresh (one atomic load), conntrack
+//! the same for frames other workers handed over. After each batch the reply tuples of
+//! new untranslated flows are written to the steering map (one system call) and only then
+//! are the staged frames produced to their TX rings (and any TX kicked), so a reply can
+//! never overtake its steering entry. Every round kicks every socket whose
+//! produced-minus-completed count is above zero: copy-mode TX sends a bounded number of
+//! frames (32) per `sendto`, and frames left in the ring would otherwise wait forever
+//! (AFXDP-NOTES trap 2).
+//!
+//! # TX back-pressure
+//!
+//! A frame the pipeline has processed is not thrown away because its TX ring is
+//! momentarily full: the round kicks again, reaping completions in between, while the
+//! ring still holds frames the kernel has not taken and each kick makes progress (at most
+//! `MAX_TX_KICKS`); staged frames that find their ring full kick and retry the same way
+//! before they are dropped (`tx_ring_full`). A ring still backed up after the round's kicks
+//! makes the next receive take fewer frames (`rx_throttled_rounds`), so that excess load is
+//! lost in the RX ring (`kernel_rx_ring_full`), before any work is spent on it, rather
+//! than after the pipeline. Between rounds: table refresh (one atomic load), conntrack
 //! housekeeping, revalidation after a table change, reply-map sweeping. With nothing to do
 //! for [`IdlePolicy::busy_poll`], the worker sleeps in `ppoll` on its sockets for at most
 //! [`IdlePolicy::max_sleep`].
@@ -214,6 +225,16 @@ pub struct DriverCounters {
     pub tx_kicks: u64,
     /// TX wakeups that failed with an unexpected error.
     pub tx_kick_errors: u64,
+    /// Extra TX wakeups in a round (included in `tx_kicks`): the ring still held frames the
+    /// kernel had not taken after the first one (copy mode sends a bounded batch per kick).
+    pub tx_extra_kicks: u64,
+    /// TX wakeups (included in `tx_kicks`) issued because staged frames found their TX ring
+    /// full; the frames are produced again after each (back-pressure before a drop).
+    pub tx_full_kicks: u64,
+    /// Rounds in which a TX ring was still backed up after the round's kicks, so the next
+    /// receive took fewer frames (the excess waits in, or is dropped by, the RX ring before
+    /// any work is spent on it: `kernel_rx_ring_full`).
+    pub rx_throttled_rounds: u64,
     /// Fill-ring wakeups issued.
     pub fill_wakeups: u64,
     /// Sleeps in `ppoll` after the busy-poll period.
@@ -258,7 +279,7 @@ impl DriverCounters {
         }
     }
 
-    fn fields_mut(&mut self) -> [(&'static str, &mut u64); 31] {
+    fn fields_mut(&mut self) -> [(&'static str, &mut u64); 34] {
         [
             ("rx_frames", &mut self.rx_frames),
             ("tx_frames", &mut self.tx_frames),
@@ -272,6 +293,9 @@ impl DriverCounters {
             ("multi_buffer", &mut self.multi_buffer),
             ("tx_kicks", &mut self.tx_kicks),
             ("tx_kick_errors", &mut self.tx_kick_errors),
+            ("tx_extra_kicks", &mut self.tx_extra_kicks),
+            ("tx_full_kicks", &mut self.tx_full_kicks),
+            ("rx_throttled_rounds", &mut self.rx_throttled_rounds),
             ("fill_wakeups", &mut self.fill_wakeups),
             ("idle_sleeps", &mut self.idle_sleeps),
             ("reply_tuples_added", &mut self.reply_tuples_added),
@@ -354,6 +378,15 @@ struct ReplySteer {
 }
 
 const SWEEP_BUDGET: usize = 64;
+
+/// TX wakeups per socket per round at most (and per staged batch that finds its ring
+/// full). Copy-mode AF_XDP transmits up to 32 frames per `sendto`; a round receives up to
+/// [`BATCH_SIZE`] frames per socket, so a few kicks keep up and eight bound the round.
+const MAX_TX_KICKS: u32 = 8;
+
+/// The fewest frames a receive takes while a TX ring is backed up: one stuck interface
+/// (down, or a peer that does not drain) slows the others' intake, never stops it.
+const MIN_RX_TAKE: usize = BATCH_SIZE / 4;
 
 impl ReplySteer {
     /// Notes the tuples of a new flow whose first frame (rewritten) is `frame` and whose
@@ -494,6 +527,11 @@ pub struct AfxdpWorker {
     /// Fill-ring top-ups a new socket gets at once.
     fill_batches: usize,
     port_changes: Option<PortChanges>,
+    /// Size of every TX ring (frames the kernel has not taken = size - free slots).
+    tx_ring_size: u32,
+    /// Frames the next receive takes from one RX ring: [`BATCH_SIZE`], less while a TX
+    /// ring is backed up (see [`AfxdpWorker::kick`]).
+    rx_take: usize,
     pub counters: DriverCounters,
 }
 
@@ -600,6 +638,8 @@ impl AfxdpWorker {
             sock_cfg,
             fill_batches: cfg.ring_size as usize / BATCH_SIZE,
             port_changes: None,
+            tx_ring_size: cfg.ring_size,
+            rx_take: BATCH_SIZE,
             counters: DriverCounters::default(),
         };
         // Give every fill ring its share up front so the first frames have somewhere to go.
@@ -886,12 +926,13 @@ impl AfxdpWorker {
             batch_recompute,
             handoff,
             counters,
+            rx_take,
             ..
         } = self;
         let (ingress, recompute) = (ports[i].iface, ports[i].recompute_l4);
         // SAFETY: `descs` is ours to overwrite; it receives frames of this UMEM that the
         // kernel hands back to us.
-        let n = unsafe { ports[i].rx.consume(descs) };
+        let n = unsafe { ports[i].rx.consume(&mut descs[..*rx_take]) };
         ports[i].in_fill = ports[i].in_fill.saturating_sub(n as u64);
         counters.rx_frames += n as u64;
         let mut k = 0;
@@ -952,6 +993,7 @@ impl AfxdpWorker {
             batch_recompute,
             handoff,
             counters,
+            rx_take,
             ..
         } = self;
         let Some(h) = handoff.as_mut() else {
@@ -959,7 +1001,7 @@ impl AfxdpWorker {
         };
         let mut k = 0;
         'rings: for rx in h.from.iter_mut() {
-            while k < BATCH_SIZE {
+            while k < *rx_take {
                 let Some(mut d) = free.pop() else {
                     break 'rings;
                 };
@@ -1126,39 +1168,100 @@ impl AfxdpWorker {
         }
     }
 
-    /// Produces staged frames to their TX rings and writes pending reply tuples (before
-    /// any kick, so no reply can overtake its steering entry).
+    /// Writes pending reply tuples, then produces staged frames to their TX rings. The
+    /// tuples go first because a full TX ring is kicked here (below), and no reply may
+    /// overtake its steering entry.
+    ///
+    /// Back-pressure: a frame the pipeline forwarded is not dropped because its TX ring is
+    /// momentarily full. The socket is kicked (the kernel takes a bounded batch per kick in
+    /// copy mode), completions are reaped, and the rest is produced again, up to
+    /// [`MAX_TX_KICKS`] times; only what still finds no room is dropped
+    /// (`tx_ring_full`).
     fn transmit_staged(&mut self) {
-        for p in &mut self.ports {
+        if let Some(r) = &mut self.replies {
+            r.flush(&mut self.counters);
+        }
+        for i in 0..self.ports.len() {
+            let p = &mut self.ports[i];
             let n = p.staged_len;
             if n == 0 {
                 continue;
             }
             p.staged_len = 0;
-            // SAFETY: every staged descriptor names a frame of this UMEM that we own, with
-            // its length set; produced frames are the kernel's until they complete.
-            let sent = unsafe { p.tx.produce(&p.staged[..n]) };
-            p.outstanding += sent as u64;
+            let mut sent = 0;
+            for attempt in 0..=MAX_TX_KICKS {
+                let p = &mut self.ports[i];
+                if attempt > 0 {
+                    if !p.tx.needs_wakeup() {
+                        break;
+                    }
+                    self.counters.tx_kicks += 1;
+                    self.counters.tx_full_kicks += 1;
+                    if p.tx.wakeup().is_err() {
+                        self.counters.tx_kick_errors += 1;
+                        break;
+                    }
+                    self.complete(i);
+                }
+                let p = &mut self.ports[i];
+                // SAFETY: every staged descriptor names a frame of this UMEM that we own,
+                // with its length set; produced frames are the kernel's until they
+                // complete.
+                let done = unsafe { p.tx.produce(&p.staged[sent..n]) };
+                p.outstanding += done as u64;
+                sent += done;
+                if sent == n {
+                    break;
+                }
+            }
+            let p = &self.ports[i];
             self.counters.tx_frames += sent as u64;
             self.counters.tx_ring_full += (n - sent) as u64;
             self.free.extend_from_slice(&p.staged[sent..n]);
         }
-        if let Some(r) = &mut self.replies {
-            r.flush(&mut self.counters);
-        }
     }
 
     /// Kicks every socket the kernel still holds TX frames for (trap 2: copy-mode TX
-    /// sends a bounded batch per kick).
+    /// sends a bounded batch per kick), and keeps kicking, reaping completions in between,
+    /// while its TX ring still holds frames the kernel has not taken and the last kick
+    /// made progress, up to [`MAX_TX_KICKS`] times. A ring still backed up after that
+    /// makes the next receive take fewer frames ([`AfxdpWorker::rx_take`]), so that the
+    /// excess waits in the RX ring instead of being processed and then dropped.
     fn kick(&mut self) {
-        for p in &mut self.ports {
-            if p.outstanding > 0 && p.tx.needs_wakeup() {
+        let mut take = BATCH_SIZE;
+        for i in 0..self.ports.len() {
+            let mut unsent = u32::MAX;
+            for round in 0..MAX_TX_KICKS {
+                let p = &mut self.ports[i];
+                if p.outstanding == 0 || !p.tx.needs_wakeup() {
+                    break;
+                }
+                if round > 0 {
+                    self.counters.tx_extra_kicks += 1;
+                }
                 self.counters.tx_kicks += 1;
                 if p.tx.wakeup().is_err() {
                     self.counters.tx_kick_errors += 1;
+                    break;
                 }
+                self.complete(i);
+                let p = &mut self.ports[i];
+                let left = self.tx_ring_size - p.tx.nb_free_exact().min(self.tx_ring_size);
+                if left == 0 || left >= unsent {
+                    unsent = left;
+                    break;
+                }
+                unsent = left;
+            }
+            if unsent != u32::MAX && unsent > 0 {
+                let room = (self.tx_ring_size - unsent) as usize;
+                take = take.min(room.max(MIN_RX_TAKE));
             }
         }
+        if take < BATCH_SIZE {
+            self.counters.rx_throttled_rounds += 1;
+        }
+        self.rx_take = take;
     }
 
     /// Sleeps until a socket has frames or `max_sleep` passes.
