@@ -207,6 +207,9 @@ fn random_slice(rng: &mut ChaCha8Rng) -> EndpointSlice {
 /// A comparable rendering of everything a compile produces.
 fn render(c: &Compiled) -> (Vec<String>, Vec<String>, Vec<String>) {
     let t = &c.table;
+    if let Err(e) = t.check_frontend_index() {
+        panic!("fast-path frontend index out of step: {e}");
+    }
     let port = |sp: &kxp_dataplane::tables::ServicePort| {
         format!(
             "{} {:?} {:?} {:?} cluster={:?} local={:?}",

@@ -373,7 +373,7 @@ const F_FIRST_FIN_REPLY: u8 = 1 << 4;
 const PROTO_FREE: u8 = 0;
 
 /// An address family's compact address type.
-trait Addr: Copy + Eq + Default + fmt::Debug {
+pub(crate) trait Addr: Copy + Eq + Default + fmt::Debug {
     fn from_ip(ip: IpAddr) -> Option<Self>;
     fn to_ip(self) -> IpAddr;
     /// Folds two addresses into a running hash.
@@ -421,14 +421,15 @@ impl Addr for [u8; 16] {
     }
 }
 
-/// A 5-tuple in compact form.
+/// A 5-tuple in compact form (an IPv4 one is what the established fast path reads off
+/// the wire: see [`Conntrack::lookup_v4`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Tuple<A> {
-    src: A,
-    dst: A,
-    sport: u16,
-    dport: u16,
-    proto: u8,
+pub(crate) struct Tuple<A> {
+    pub(crate) src: A,
+    pub(crate) dst: A,
+    pub(crate) sport: u16,
+    pub(crate) dport: u16,
+    pub(crate) proto: u8,
 }
 
 impl<A: Addr> Tuple<A> {
@@ -534,6 +535,35 @@ impl<A: Addr> Entry<A> {
 
     fn tcp_state(&self) -> TcpState {
         TcpState::from_u8(self.state)
+    }
+
+    /// The tuple a packet travelling `dir` leaves with: towards the backend (source
+    /// masqueraded if the flow is), or back to the client from the frontend.
+    #[inline]
+    fn translated(&self, dir: Direction) -> Tuple<A> {
+        match dir {
+            Direction::Original => {
+                let (src, sport) = if self.flags & F_SNAT != 0 {
+                    (self.snat_addr, self.snat_port)
+                } else {
+                    (self.src, self.sport)
+                };
+                Tuple {
+                    src,
+                    dst: self.backend,
+                    sport,
+                    dport: self.backend_port,
+                    proto: self.proto,
+                }
+            }
+            Direction::Reply => Tuple {
+                src: self.dst,
+                dst: self.src,
+                sport: self.dport,
+                dport: self.sport,
+                proto: self.proto,
+            },
+        }
     }
 
     /// May be evicted to make room (see the module doc).
@@ -885,7 +915,7 @@ impl Index {
 
 /// Prefetches the cache line at `p` (a hint: never faults, changes nothing).
 #[inline(always)]
-fn prefetch<T>(p: *const T) {
+pub(crate) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: PREFETCHT0 is a hint with no architectural effect; it does not fault on
     // any address, valid or not, so any pointer value is fine.
@@ -1176,6 +1206,11 @@ impl<A: Addr> Table<A> {
         e.expires = now_s.saturating_add(timeout);
 
         self.free_head = next;
+        // The next insert reads the new head's link: start loading it now (once flows
+        // have come and gone the free list is in no particular order).
+        if (next as usize) < self.slab.len() {
+            prefetch(self.slab.as_ptr().wrapping_add(next as usize));
+        }
         if let Some(s) = self.slab.get_mut(slot as usize) {
             *s = e;
         }
@@ -1377,6 +1412,46 @@ impl Conntrack {
             self.v6.prefetch_entry(h.hash)
         } else {
             self.v4.prefetch_entry(h.hash)
+        }
+    }
+
+    /// The index hash of an IPv4 tuple (what [`Conntrack::lookup_v4`] and
+    /// [`Conntrack::prefetch_v4`] take).
+    #[inline]
+    pub(crate) fn hash_v4(&self, t: &Tuple<u32>) -> u64 {
+        t.hash(self.v4.seed)
+    }
+
+    /// [`Conntrack::prefetch_bucket`] for an IPv4 tuple already hashed.
+    #[inline]
+    pub(crate) fn prefetch_v4(&self, hash: u64) -> FlowHash {
+        self.v4.prefetch_bucket(hash);
+        FlowHash { hash, v6: false }
+    }
+
+    /// [`Conntrack::lookup`] for an IPv4 tuple, without building a [`FlowMatch`]: the
+    /// flow's slot, the packet's direction, and the tuple the packet leaves with (NAT
+    /// applied). Same effects as `lookup` (the clock starts, an expired flow met is
+    /// removed, a miss is remembered for the insert that usually follows). `hash` is
+    /// [`Conntrack::hash_v4`] of `t`.
+    #[inline]
+    pub(crate) fn lookup_v4(
+        &mut self,
+        t: &Tuple<u32>,
+        hash: u64,
+        now_ns: u64,
+    ) -> Option<(FlowId, Direction, Tuple<u32>)> {
+        let now_s = self.now_s(now_ns);
+        let table = &mut self.v4;
+        match table.find_live(hash, t, now_s, &mut self.stats) {
+            Some((slot, dir)) => {
+                let e = table.slab.get(slot as usize)?;
+                Some((table.id(slot), dir, e.translated(dir)))
+            }
+            None => {
+                table.absent = Some((*t, hash, table.epoch));
+                None
+            }
         }
     }
 

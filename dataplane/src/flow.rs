@@ -58,11 +58,28 @@ impl FlowKey {
     /// Deterministic 64-bit hash of the tuple (same value on every run and every worker),
     /// used to pick a Maglev slot. Not used for hash tables, which have their own hasher.
     pub fn lb_hash(&self) -> u64 {
-        let mut h = mix(0x9e37_79b9_7f4a_7c15 ^ self.proto as u64);
-        h = mix(h ^ addr_fold(self.src));
-        h = mix(h ^ addr_fold(self.dst));
-        mix(h ^ ((self.sport as u64) << 16 | self.dport as u64))
+        lb_hash_folded(
+            self.proto as u8,
+            addr_fold(self.src),
+            addr_fold(self.dst),
+            self.sport,
+            self.dport,
+        )
     }
+}
+
+/// [`FlowKey::lb_hash`] of an IPv4 tuple given as `u32` addresses (the fast path's form).
+#[inline]
+pub fn lb_hash_v4(proto: u8, src: u32, dst: u32, sport: u16, dport: u16) -> u64 {
+    lb_hash_folded(proto, u64::from(src), u64::from(dst), sport, dport)
+}
+
+#[inline]
+fn lb_hash_folded(proto: u8, src: u64, dst: u64, sport: u16, dport: u16) -> u64 {
+    let mut h = mix(0x9e37_79b9_7f4a_7c15 ^ proto as u64);
+    h = mix(h ^ src);
+    h = mix(h ^ dst);
+    mix(h ^ ((sport as u64) << 16 | dport as u64))
 }
 
 /// Hash of a client address alone (ClientIP session affinity and tests).
@@ -104,5 +121,10 @@ mod tests {
         assert_eq!(k.reversed().reversed(), k);
         assert_eq!(k.lb_hash(), k.lb_hash());
         assert_ne!(k.lb_hash(), k.reversed().lb_hash());
+        assert_eq!(
+            k.lb_hash(),
+            lb_hash_v4(6, 0x0a00_0001, 0x0a60_000a, 40000, 80),
+            "the IPv4 form is the same hash"
+        );
     }
 }

@@ -381,9 +381,20 @@ impl MaglevTable {
     /// `hash·M / 2⁶⁴`), so `hash` should be well mixed in its high bits.
     #[inline]
     pub fn lookup(&self, hash: u64) -> Option<u16> {
-        let slot = (u128::from(hash) * self.slots.len() as u128) >> 64;
-        // slot < len, so `get` never misses on a non-empty table.
-        self.slots.get(slot as usize).copied()
+        self.slots.get(self.slot_of(hash)).copied()
+    }
+
+    /// Address of the slot [`MaglevTable::lookup`] of `hash` reads (for prefetching);
+    /// `None` for an empty table.
+    #[inline]
+    pub fn slot_ptr(&self, hash: u64) -> Option<*const u16> {
+        (!self.slots.is_empty()).then(|| self.slots.as_ptr().wrapping_add(self.slot_of(hash)))
+    }
+
+    /// `hash·M / 2⁶⁴`: always below `M`, so `get` never misses on a non-empty table.
+    #[inline]
+    fn slot_of(&self, hash: u64) -> usize {
+        ((u128::from(hash) * self.slots.len() as u128) >> 64) as usize
     }
 
     /// Whether the table has no slots (no backend had weight > 0).

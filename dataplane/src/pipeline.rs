@@ -22,6 +22,8 @@ use crate::tables::{
 use crate::verdict::{Counters, DropReason, ForwardReason, PassReason, RejectReason, Verdict};
 use crate::wire::{eth, proto, tcp_flags, FrameMut, Layout};
 
+mod fast;
+
 /// Frames a worker takes per batch (and the unit housekeeping is interleaved with).
 pub const BATCH_SIZE: usize = 64;
 
@@ -62,6 +64,9 @@ pub struct WorkerConfig {
     /// kernel's equivalent is `net.ipv4.icmp_msgs_per_sec` (1000). Port unreachable for
     /// rejected services is not limited (kube-proxy's REJECT rules are not either).
     pub icmp_errors_per_sec: u32,
+    /// Take untagged IPv4 TCP/UDP frames through the fast path (`pipeline/fast.rs`). The
+    /// result is the same either way; off is for comparing the two.
+    pub fast_path: bool,
 }
 
 impl Default for WorkerConfig {
@@ -78,6 +83,7 @@ impl Default for WorkerConfig {
             affinity_capacity: 65536,
             gc_budget: 256,
             icmp_errors_per_sec: 1000,
+            fast_path: true,
         }
     }
 }
@@ -149,7 +155,30 @@ impl Worker {
         now_ns: u64,
         scratch: &mut [u8],
     ) -> Verdict {
-        let v = self.classify(tables, frame, ingress, now_ns, scratch);
+        self.process_peeked(tables, frame, ingress, now_ns, scratch, None)
+    }
+
+    /// [`Worker::process`] with the fast path's tuple and hash already known (from the
+    /// prefetch pass of [`Worker::process_batch`]).
+    #[inline]
+    fn process_peeked(
+        &mut self,
+        tables: &Tables,
+        frame: &mut [u8],
+        ingress: IfaceId,
+        now_ns: u64,
+        scratch: &mut [u8],
+        peeked: Option<fast::Peeked>,
+    ) -> Verdict {
+        let fast = if self.cfg.fast_path {
+            self.classify_v4(tables, frame, ingress, now_ns, scratch, peeked)
+        } else {
+            None
+        };
+        let v = match fast {
+            Some(v) => v,
+            None => self.classify(tables, frame, ingress, now_ns, scratch),
+        };
         self.counters.count(&v);
         v
     }
@@ -179,25 +208,74 @@ impl Worker {
         while start < n {
             let end = n.min(start + BATCH_SIZE);
             let batch = frames.get_mut(start..end).unwrap_or_default();
-            self.prefetch_flows(batch);
+            let mut peeked = [None; BATCH_SIZE];
+            self.prefetch_flows(tables, batch, &mut peeked);
             for (k, (frame, &iface)) in batch.iter_mut().zip(&ingress[start..end]).enumerate() {
-                let v = self.process(tables, frame, iface, now_ns, scratch);
+                let v = self.process_peeked(tables, frame, iface, now_ns, scratch, peeked[k]);
                 done(start + k, frame, v, scratch);
             }
             start = end;
         }
     }
 
-    /// The prefetch passes of [`Worker::process_batch`] (hints only: no state changes):
-    /// every frame's conntrack index bucket, then the flow entries they point to.
+    /// The prefetch passes of [`Worker::process_batch`] (hints only: no state changes).
+    /// Every frame's conntrack index bucket, then the flow entries they point to. For
+    /// fast-path frames the index shows certainly untracked (new flows), the chain the
+    /// new-flow path walks is started too, one link per pass over the batch so that the
+    /// batch's cache misses overlap: the frontend slot, the service port, its Maglev
+    /// tables and endpoints, the Maglev slot, the reply tuple's conntrack bucket. What the
+    /// passes learn (tuple, hashes, frontend) is kept in `peeked` for the frames'
+    /// processing.
     #[inline]
-    fn prefetch_flows(&self, frames: &[&mut [u8]]) {
+    fn prefetch_flows(
+        &self,
+        t: &Tables,
+        frames: &[&mut [u8]],
+        peeked: &mut [Option<fast::Peeked>; BATCH_SIZE],
+    ) {
+        let n = frames.len().min(BATCH_SIZE);
         let mut hashes = [None; BATCH_SIZE];
-        for (h, frame) in hashes.iter_mut().zip(frames) {
+        for ((h, p), frame) in hashes.iter_mut().zip(peeked.iter_mut()).zip(frames) {
+            if self.cfg.fast_path {
+                if let Some(pk) = fast::Peeked::new(frame, &self.conntrack) {
+                    *h = Some(self.conntrack.prefetch_v4(pk.hash));
+                    *p = Some(pk);
+                    continue;
+                }
+            }
             *h = crate::parse::peek_key(frame).and_then(|k| self.conntrack.prefetch_bucket(&k));
         }
-        for h in hashes.iter().take(frames.len()).flatten() {
-            self.conntrack.prefetch_flow(*h);
+        let mut any_new = false;
+        for (h, p) in hashes.iter().zip(peeked.iter_mut()).take(n) {
+            let Some(h) = h else { continue };
+            let maybe_tracked = self.conntrack.prefetch_flow(*h);
+            if let (false, Some(pk)) = (maybe_tracked, p.as_mut()) {
+                pk.mark_new(&t.services);
+                any_new = true;
+            }
+        }
+        if !any_new {
+            return;
+        }
+        for pk in peeked.iter_mut().take(n).flatten() {
+            pk.find_frontend(&t.services);
+        }
+        for pk in peeked.iter().take(n).flatten() {
+            pk.prefetch_lb(&t.services);
+        }
+        for pk in peeked.iter_mut().take(n).flatten() {
+            pk.prefetch_slot(&t.services);
+        }
+        let masquerade = t
+            .node
+            .masquerade_address(&IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED));
+        for pk in peeked.iter().take(n).flatten() {
+            pk.prefetch_reply(
+                &t.services,
+                &self.conntrack,
+                masquerade.map(|(_, a)| a),
+                (self.snat_lo, self.snat_span),
+            );
         }
     }
 
@@ -334,12 +412,47 @@ impl Worker {
             self.conntrack.on_packet(m.id, m.dir, flags, now_ns);
             return finish_forward(frame, layout, hop, (src, sport), (dst, dport), reason);
         }
+        self.untracked(t, frame, layout, key, flags, ingress, now_ns, scratch)
+    }
+
+    /// A transport frame conntrack does not know: a new flow to a frontend, a reject, or
+    /// not ours.
+    #[allow(clippy::too_many_arguments)]
+    fn untracked(
+        &mut self,
+        t: &Tables,
+        frame: &mut [u8],
+        layout: Layout,
+        key: FlowKey,
+        flags: u8,
+        ingress: IfaceId,
+        now_ns: u64,
+        scratch: &mut [u8],
+    ) -> Verdict {
         let fk = FrontendKey {
             addr: key.dst,
             proto: key.proto,
             port: key.dport,
         };
-        match t.services.frontend(&fk) {
+        let fe = t.services.frontend(&fk);
+        self.untracked_to(t, frame, layout, key, flags, fe, ingress, now_ns, scratch)
+    }
+
+    /// [`Worker::untracked`] once the frame's frontend (if any) is known.
+    #[allow(clippy::too_many_arguments)]
+    fn untracked_to(
+        &mut self,
+        t: &Tables,
+        frame: &mut [u8],
+        layout: Layout,
+        key: FlowKey,
+        flags: u8,
+        fe: Option<Frontend>,
+        ingress: IfaceId,
+        now_ns: u64,
+        scratch: &mut [u8],
+    ) -> Verdict {
+        match fe {
             Some(fe) => self.new_flow(t, frame, layout, key, flags, fe, ingress, now_ns, scratch),
             None if t.services.is_cluster_ip(&key.dst) => self.reject(
                 t,
@@ -450,8 +563,7 @@ impl Worker {
         let reply_dst = if masquerade {
             node.masquerade_address(&key.src).map(|(_, addr)| {
                 let h = *lb_hash.get_or_insert_with(|| key.lb_hash());
-                let span = u64::from(self.snat_span.max(1));
-                (addr, self.snat_lo.wrapping_add(((h >> 20) % span) as u16))
+                (addr, snat_first_port(h, self.snat_lo, self.snat_span))
             })
         } else {
             Some((key.src, key.sport))
@@ -800,6 +912,14 @@ struct SnatTarget {
     port: u16,
     proto: L4Proto,
     snat: IpAddr,
+}
+
+/// The first masquerade port [`Worker::allocate_snat_port`] tries for a flow of load
+/// balancing hash `lb_hash`, in the port range starting at `snat_lo` of `snat_span` ports.
+#[inline]
+fn snat_first_port(lb_hash: u64, snat_lo: u16, snat_span: u16) -> u16 {
+    let span = u64::from(snat_span.max(1));
+    snat_lo.wrapping_add(((lb_hash >> 20) % span) as u16)
 }
 
 /// Tokens an ICMP error budget of `per_sec` holds at most.

@@ -14,6 +14,10 @@ use ipnet::IpNet;
 use crate::flow::L4Proto;
 use crate::maglev::MaglevTable;
 
+mod frontend_v4;
+pub(crate) use frontend_v4::hash_v4 as frontend_hash_v4;
+use frontend_v4::FrontendIndexV4;
+
 /// Index of a [`ServicePort`] in its [`ServiceTable`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServicePortId(pub u32);
@@ -124,6 +128,8 @@ pub struct ServicePort {
 #[derive(Debug, Clone, Default)]
 pub struct ServiceTable {
     frontends: HashMap<FrontendKey, Frontend>,
+    /// The IPv4 entries of `frontends` again, prefetchable (see `tables/frontend_v4.rs`).
+    frontends_v4: FrontendIndexV4,
     cluster_ips: HashSet<IpAddr>,
     /// ClusterIPs, ExternalIPs and LoadBalancer IPs (not node addresses).
     vips: HashSet<IpAddr>,
@@ -157,6 +163,7 @@ impl ServiceTable {
             self.vips.insert(key.addr);
         }
         self.frontends.insert(key, frontend);
+        self.frontends_v4.set(&key, frontend);
         Ok(())
     }
 
@@ -183,12 +190,14 @@ impl ServiceTable {
     /// alone: an incremental compiler that patches a table keeps them with
     /// [`set_cluster_ip`](Self::set_cluster_ip) and [`set_vip`](Self::set_vip).
     pub fn set_frontend(&mut self, key: FrontendKey, frontend: Frontend) -> Option<Frontend> {
+        self.frontends_v4.set(&key, frontend);
         self.frontends.insert(key, frontend)
     }
 
     /// Removes a frontend (the address sets are the caller's, as for
     /// [`set_frontend`](Self::set_frontend)).
     pub fn remove_frontend(&mut self, key: &FrontendKey) -> Option<Frontend> {
+        self.frontends_v4.remove(key);
         self.frontends.remove(key)
     }
 
@@ -218,6 +227,47 @@ impl ServiceTable {
     #[inline]
     pub fn frontend(&self, key: &FrontendKey) -> Option<Frontend> {
         self.frontends.get(key).copied()
+    }
+
+    /// [`ServiceTable::frontend`] of an IPv4 frontend in the fast path's form; `hash` is
+    /// `frontend_hash_v4(addr, proto, port)`.
+    #[inline]
+    pub(crate) fn frontend_v4(
+        &self,
+        hash: u64,
+        addr: u32,
+        proto: u8,
+        port: u16,
+    ) -> Option<Frontend> {
+        self.frontends_v4.get(hash, addr, proto, port)
+    }
+
+    /// Checks that the fast path's IPv4 frontend index holds exactly the IPv4 frontends
+    /// of the map (tests of table builders call this after every change).
+    pub fn check_frontend_index(&self) -> Result<(), String> {
+        let mut v4 = 0;
+        for (k, f) in &self.frontends {
+            let IpAddr::V4(a) = k.addr else { continue };
+            v4 += 1;
+            let (addr, proto) = (u32::from(a), k.proto as u8);
+            let got = self.frontend_v4(frontend_hash_v4(addr, proto, k.port), addr, proto, k.port);
+            if got != Some(*f) {
+                return Err(format!("frontend {k:?}: index has {got:?}, map has {f:?}"));
+            }
+        }
+        if self.frontends_v4.len() != v4 {
+            return Err(format!(
+                "index holds {} IPv4 frontends, map {v4}",
+                self.frontends_v4.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where [`ServiceTable::frontend_v4`] of `hash` starts reading (for prefetching).
+    #[inline]
+    pub(crate) fn frontend_v4_ptr(&self, hash: u64) -> Option<*const u8> {
+        self.frontends_v4.home_ptr(hash)
     }
 
     /// Whether `addr` is an allocated ClusterIP (on any port).
@@ -333,6 +383,20 @@ pub struct NodeTable {
     neighbours: HashMap<IpAddr, Neighbour>,
     /// Longest prefix first.
     routes: Vec<Route>,
+    /// The IPv4 part of `neighbours` and `routes` in the form the fast path reads:
+    /// neighbours by `u32` address, routes as (network, mask) with their next hop
+    /// already resolved (`None` while the via address is no neighbour). Kept in step by
+    /// [`NodeTable::add_neighbour`] and [`NodeTable::add_route`].
+    neighbours_v4: HashMap<u32, Neighbour>,
+    routes_v4: Vec<RouteV4>,
+}
+
+/// An IPv4 route with its next hop resolved (see `NodeTable::routes_v4`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RouteV4 {
+    net: u32,
+    mask: u32,
+    via: Option<Neighbour>,
 }
 
 impl NodeTable {
@@ -361,6 +425,10 @@ impl NodeTable {
 
     pub fn add_neighbour(&mut self, addr: IpAddr, neighbour: Neighbour) {
         self.neighbours.insert(addr, neighbour);
+        if let IpAddr::V4(a) = addr {
+            self.neighbours_v4.insert(u32::from(a), neighbour);
+            self.resolve_routes_v4();
+        }
     }
 
     pub fn neighbour(&self, addr: &IpAddr) -> Option<Neighbour> {
@@ -371,12 +439,49 @@ impl NodeTable {
         self.routes.push(route);
         self.routes
             .sort_by_key(|r| core::cmp::Reverse(r.dst.prefix_len()));
+        self.resolve_routes_v4();
+    }
+
+    /// Rebuilds `routes_v4` from `routes` and `neighbours` (same order: longest prefix
+    /// first, ties as `routes` has them).
+    fn resolve_routes_v4(&mut self) {
+        self.routes_v4.clear();
+        for r in &self.routes {
+            let IpNet::V4(net) = r.dst else {
+                continue;
+            };
+            self.routes_v4.push(RouteV4 {
+                net: u32::from(net.network()),
+                mask: u32::from(net.netmask()),
+                via: self.neighbours.get(&r.via).copied(),
+            });
+        }
+    }
+
+    /// [`NodeTable::next_hop`] for an IPv4 destination given as a `u32` (the fast path's
+    /// form); the same answer for every address.
+    #[inline]
+    pub fn next_hop_v4(&self, dst: u32) -> Option<NextHop> {
+        let n = match self.neighbours_v4.get(&dst) {
+            Some(n) => *n,
+            None => self.routes_v4.iter().find(|r| dst & r.mask == r.net)?.via?,
+        };
+        let iface = self.interfaces.get(n.iface.0 as usize)?;
+        Some(NextHop {
+            iface: n.iface,
+            iface_kind: iface.kind,
+            src_mac: iface.mac,
+            dst_mac: n.mac,
+        })
     }
 
     /// Resolves where a frame for `dst` goes: an exact neighbour first, then the longest
     /// matching route whose next hop is a neighbour.
     #[inline]
     pub fn next_hop(&self, dst: &IpAddr) -> Option<NextHop> {
+        if let IpAddr::V4(a) = dst {
+            return self.next_hop_v4(u32::from(*a));
+        }
         let n = match self.neighbours.get(dst) {
             Some(n) => *n,
             None => {

@@ -178,6 +178,9 @@ impl<'a> FrameMut<'a> {
     /// checksum" rule applies once at the end, as it applied to each step.
     #[inline]
     pub fn rewrite(&mut self, src: (IpAddr, u16), dst: (IpAddr, u16)) {
+        if let (true, IpAddr::V4(s), IpAddr::V4(d)) = (self.layout.is_ipv4(), src.0, dst.0) {
+            return self.rewrite_v4((u32::from(s), src.1), (u32::from(d), dst.1));
+        }
         let l = self.layout;
         // Sum of the changed transport words (~old + new), and whether there are any.
         let mut l4_sum = 0u32;
@@ -192,7 +195,7 @@ impl<'a> FrameMut<'a> {
                 let mut ip_changed = false;
                 for (at, addr) in [(ipv4::SRC.start, src.0), (ipv4::DST.start, dst.0)] {
                     if let IpAddr::V4(a) = addr {
-                        if let Some(d) = swap_ipv4(h, at, a) {
+                        if let Some(d) = swap_ipv4(h, at, u32::from(a)) {
                             ip_sum += d;
                             ip_changed = true;
                         }
@@ -231,23 +234,67 @@ impl<'a> FrameMut<'a> {
                 l4_changed = true;
             }
         }
-        let ports: Option<&mut [u8; 4]> = self
+        let (sum, changed) = self.swap_ports(src.1, dst.1);
+        if l4_changed || changed {
+            self.add_to_l4_checksum(l4_sum + sum);
+        }
+    }
+
+    /// [`FrameMut::rewrite`] of an IPv4 frame with both addresses given as `u32` (host
+    /// order): the fast path's form, and what `rewrite` runs for IPv4.
+    #[inline]
+    pub fn rewrite_v4(&mut self, src: (u32, u16), dst: (u32, u16)) {
+        let l = self.layout;
+        let mut l4_sum = 0u32;
+        let mut l4_changed = false;
+        let header: Option<&mut [u8; ipv4::MIN_HEADER_LEN]> = self
             .buf
-            .get_mut(l.l4..l.l4 + 4)
-            .and_then(|p| p.try_into().ok());
+            .get_mut(l.l3..l.l3 + ipv4::MIN_HEADER_LEN)
+            .and_then(|h| h.try_into().ok());
+        if let Some(h) = header {
+            let mut ip_sum = 0u32;
+            let mut ip_changed = false;
+            for (at, addr) in [(ipv4::SRC.start, src.0), (ipv4::DST.start, dst.0)] {
+                if let Some(d) = swap_ipv4(h, at, addr) {
+                    ip_sum += d;
+                    ip_changed = true;
+                }
+            }
+            if ip_changed {
+                let c = ipv4::CHECKSUM;
+                let cur = u16::from_be_bytes([h[c], h[c + 1]]);
+                let new = !checksum::fold(u32::from(!cur) + ip_sum);
+                h[c..c + 2].copy_from_slice(&new.to_be_bytes());
+                l4_sum += ip_sum;
+                l4_changed = true;
+            }
+        }
+        let (sum, changed) = self.swap_ports(src.1, dst.1);
+        if l4_changed || changed {
+            self.add_to_l4_checksum(l4_sum + sum);
+        }
+    }
+
+    /// Writes both ports where they differ; returns the RFC 1624 addends of the changes
+    /// and whether there were any.
+    #[inline]
+    fn swap_ports(&mut self, sport: u16, dport: u16) -> (u32, bool) {
+        let l4 = self.layout.l4;
+        let ports: Option<&mut [u8; 4]> =
+            self.buf.get_mut(l4..l4 + 4).and_then(|p| p.try_into().ok());
+        let mut sum = 0u32;
+        let mut changed = false;
         if let Some(p) = ports {
-            for (at, port) in [(0, src.1), (2, dst.1)] {
+            for (at, port) in [(0, sport), (2, dport)] {
                 let old = u16::from_be_bytes([p[at], p[at + 1]]);
                 if old != port {
                     p[at..at + 2].copy_from_slice(&port.to_be_bytes());
-                    l4_sum += u32::from(!old) + u32::from(port);
-                    l4_changed = true;
+                    sum += u32::from(!old) + u32::from(port);
+                    changed = true;
                 }
             }
         }
-        if l4_changed {
-            self.add_to_l4_checksum(l4_sum);
-        }
+        (sum, changed)
     }
 
     /// Transport source or destination port (TCP, UDP, SCTP: the first four bytes).
@@ -348,10 +395,9 @@ impl<'a> FrameMut<'a> {
 /// Writes IPv4 address `new` at `at` unless it is there already; returns the RFC 1624
 /// addends (`~old + new` for both 16-bit words) of the change.
 #[inline]
-fn swap_ipv4(header: &mut [u8; ipv4::MIN_HEADER_LEN], at: usize, new: Ipv4Addr) -> Option<u32> {
+fn swap_ipv4(header: &mut [u8; ipv4::MIN_HEADER_LEN], at: usize, new: u32) -> Option<u32> {
     let field: &mut [u8; 4] = header.get_mut(at..at + 4)?.try_into().ok()?;
     let old = u32::from_be_bytes(*field);
-    let new = u32::from(new);
     if old == new {
         return None;
     }

@@ -1,7 +1,11 @@
-//! `Worker::process_batch` is `Worker::process` on each frame in turn: the same rewritten
-//! bytes, verdicts, reject answers, counters and conntrack state, whatever the traffic
-//! (new flows, their replies and retransmissions in the same batch, rejects, ICMP errors,
-//! corrupted frames, expiry between rounds, batches longer than `BATCH_SIZE`).
+//! `Worker::process_batch` is `Worker::process` on each frame in turn, and the IPv4 fast
+//! path (`pipeline/fast.rs`) is the general path: the same rewritten bytes, verdicts,
+//! reject answers, counters and conntrack state, whatever the traffic (new flows, their
+//! replies and retransmissions in the same batch, rejects, ICMP errors, corrupted frames,
+//! replies with TTL 1 or 0, no UDP checksum, lying lengths, expiry between rounds,
+//! batches longer than `BATCH_SIZE`). Three workers see the same frames: one through
+//! `process`, one through `process_batch`, both with the fast path, and one through
+//! `process` with the fast path off.
 
 use std::net::IpAddr;
 
@@ -106,8 +110,9 @@ enum Op {
         port: u8,
         flags: u8,
     },
-    /// The reply to the `idx`-th forwarded frame of the previous round.
-    Reply { idx: usize, flags: u8 },
+    /// The reply to the `idx`-th forwarded frame of the previous round, altered by
+    /// `tweak` (see [`tweak`]).
+    Reply { idx: usize, flags: u8, tweak: u8 },
     /// The `idx`-th frame of this round again (a retransmission in the same batch).
     Again { idx: usize },
     /// A seed frame (SYN, UDP, ICMP error) with a few bytes changed.
@@ -123,8 +128,9 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (any::<bool>(), 0..8u8, 0..6u8, prop::sample::select(vec![6u8, 17, 132]), 0..3u8,
               prop::sample::select(vec![0x02u8, 0x10, 0x11, 0x04, 0x12]))
             .prop_map(|(v6, client, sport, proto, port, flags)| Op::New { v6, client, sport, proto, port, flags }),
-        4 => (0..64usize, prop::sample::select(vec![0x12u8, 0x10, 0x11, 0x04]))
-            .prop_map(|(idx, flags)| Op::Reply { idx, flags }),
+        4 => (0..64usize, prop::sample::select(vec![0x12u8, 0x10, 0x11, 0x04]),
+              prop::sample::select(vec![0u8, 0, 0, 0, 1, 2, 3, 4, 5]))
+            .prop_map(|(idx, flags, tweak)| Op::Reply { idx, flags, tweak }),
         1 => (0..64usize).prop_map(|idx| Op::Again { idx }),
         1 => (any::<bool>(), prop::sample::select(vec![6u8, 17, 1]),
               proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4))
@@ -141,6 +147,44 @@ fn client(v6: bool, i: u8) -> (IpAddr, IfaceId) {
         (true, false) => format!("2001:db8::{}", i),
     };
     (a.parse().unwrap(), if pod { POD } else { UPLINK })
+}
+
+/// Alters an IPv4 frame: 1 TTL 1, 2 TTL 0 (both with a right header checksum), 3 UDP
+/// checksum 0 ("none"), 4 IPv4 total length one more than the frame holds, 5 one byte of
+/// IP options (IHL 6, checksum fixed). Anything else, or an IPv6 frame: unchanged.
+fn tweak(f: &mut Vec<u8>, k: u8) {
+    if f.len() < 34 || f[12..14] != [0x08, 0x00] {
+        return;
+    }
+    let fix = |f: &mut Vec<u8>, ihl: usize| {
+        f[24] = 0;
+        f[25] = 0;
+        let c = !fold(&f[14..14 + ihl]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+    };
+    match k {
+        1 | 2 => {
+            f[22] = 2 - k;
+            fix(f, 20);
+        }
+        3 if f[23] == 17 => {
+            f[40] = 0;
+            f[41] = 0;
+        }
+        4 => {
+            let total = u16::from_be_bytes([f[16], f[17]]) + 1;
+            f[16..18].copy_from_slice(&total.to_be_bytes());
+            fix(f, 20);
+        }
+        5 => {
+            f.splice(34..34, [1u8, 1, 1, 1]);
+            f[14] = 0x46;
+            let total = u16::from_be_bytes([f[16], f[17]]) + 4;
+            f[16..18].copy_from_slice(&total.to_be_bytes());
+            fix(f, 24);
+        }
+        _ => {}
+    }
 }
 
 /// Everything observable about a worker.
@@ -169,7 +213,11 @@ fn run(rounds: Vec<(Vec<Op>, u8)>, capacity: usize) -> Result<(), TestCaseError>
         ..WorkerConfig::default()
     };
     let mut a = Worker::new(cfg.clone());
-    let mut b = Worker::new(cfg);
+    let mut b = Worker::new(cfg.clone());
+    let mut c = Worker::new(WorkerConfig {
+        fast_path: false,
+        ..cfg
+    });
     let mut scratch_a = vec![0u8; REJECT_SCRATCH_LEN];
     let mut scratch_b = vec![0u8; REJECT_SCRATCH_LEN];
     let mut now = 1_000_000_000u64;
@@ -195,9 +243,14 @@ fn run(rounds: Vec<(Vec<Op>, u8)>, capacity: usize) -> Result<(), TestCaseError>
                     let f = frame(src, vip, 30000 + u16::from(sport), dport, proto, flags);
                     frames.push((f, iface));
                 }
-                Op::Reply { idx, flags } => {
+                Op::Reply {
+                    idx,
+                    flags,
+                    tweak: k,
+                } => {
                     if !forwarded.is_empty() {
-                        if let Some(f) = reply_to(&forwarded[idx % forwarded.len()], flags) {
+                        if let Some(mut f) = reply_to(&forwarded[idx % forwarded.len()], flags) {
+                            tweak(&mut f, k);
                             frames.push((f, POD));
                         }
                     }
@@ -229,6 +282,19 @@ fn run(rounds: Vec<(Vec<Op>, u8)>, capacity: usize) -> Result<(), TestCaseError>
             };
             out_a.push((f, format!("{v:?}"), reject));
         }
+        // One by one through the general path only.
+        let mut out_c = Vec::new();
+        for (f, iface) in &frames {
+            let mut f = f.clone();
+            let v = c.process(&t, &mut f, *iface, now, &mut scratch_a);
+            let reject = match v {
+                Verdict::Reject { len, .. } => scratch_a[..len].to_vec(),
+                _ => Vec::new(),
+            };
+            out_c.push((f, format!("{v:?}"), reject));
+        }
+        prop_assert_eq!(&out_a, &out_c);
+        prop_assert_eq!(state(&a), state(&c));
         // All at once through `process_batch`.
         let mut bufs: Vec<Vec<u8>> = frames.iter().map(|(f, _)| f.clone()).collect();
         let ingress: Vec<IfaceId> = frames.iter().map(|&(_, i)| i).collect();
@@ -261,6 +327,7 @@ fn run(rounds: Vec<(Vec<Op>, u8)>, capacity: usize) -> Result<(), TestCaseError>
             .collect();
         a.housekeeping(now);
         b.housekeeping(now);
+        c.housekeeping(now);
     }
     Ok(())
 }
