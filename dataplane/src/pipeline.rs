@@ -435,10 +435,13 @@ impl Worker {
             port: key.dport,
         };
         let fe = t.services.frontend(&fk);
-        self.untracked_to(t, frame, layout, key, flags, fe, ingress, now_ns, scratch)
+        self.untracked_to(
+            t, frame, layout, key, flags, fe, None, ingress, now_ns, scratch,
+        )
     }
 
-    /// [`Worker::untracked`] once the frame's frontend (if any) is known.
+    /// [`Worker::untracked`] once the frame's frontend (if any) is known; `lb_hash` is
+    /// `key.lb_hash()` if the caller has it already.
     #[allow(clippy::too_many_arguments)]
     fn untracked_to(
         &mut self,
@@ -448,12 +451,15 @@ impl Worker {
         key: FlowKey,
         flags: u8,
         fe: Option<Frontend>,
+        lb_hash: Option<u64>,
         ingress: IfaceId,
         now_ns: u64,
         scratch: &mut [u8],
     ) -> Verdict {
         match fe {
-            Some(fe) => self.new_flow(t, frame, layout, key, flags, fe, ingress, now_ns, scratch),
+            Some(fe) => self.new_flow(
+                t, frame, layout, key, flags, fe, lb_hash, ingress, now_ns, scratch,
+            ),
             None if t.services.is_cluster_ip(&key.dst) => self.reject(
                 t,
                 frame,
@@ -478,6 +484,7 @@ impl Worker {
         key: FlowKey,
         flags: u8,
         fe: Frontend,
+        lb_hash: Option<u64>,
         ingress: IfaceId,
         now_ns: u64,
         scratch: &mut [u8],
@@ -528,7 +535,7 @@ impl Worker {
         }
         // The flow's load-balancing hash, computed at most once (Maglev and the SNAT port
         // probe both start from it).
-        let mut lb_hash = None;
+        let mut lb_hash = lb_hash;
         let backend = match self.sticky_backend(
             sp.policy.affinity_timeout_secs,
             &key,

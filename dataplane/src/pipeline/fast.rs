@@ -255,11 +255,11 @@ impl Worker {
         scratch: &mut [u8],
         peeked: Option<Peeked>,
     ) -> Option<Verdict> {
-        let (tuple, hash, frontend) = match peeked {
-            Some(p) => (p.tuple, p.hash, p.frontend),
+        let (tuple, hash, frontend, lb_hash) = match peeked {
+            Some(p) => (p.tuple, p.hash, p.frontend, p.lb_hash),
             None => {
                 let tuple = peek_v4(frame)?;
-                (tuple, self.conntrack.hash_v4(&tuple), None)
+                (tuple, self.conntrack.hash_v4(&tuple), None, None)
             }
         };
         let (layout, flags) = validate(frame, tuple.proto)?;
@@ -280,9 +280,9 @@ impl Worker {
                 t.services
                     .frontend_v4(h, tuple.dst, tuple.proto, tuple.dport)
             });
-            return Some(
-                self.untracked_to(t, frame, layout, key, flags, fe, ingress, now_ns, scratch),
-            );
+            return Some(self.untracked_to(
+                t, frame, layout, key, flags, fe, lb_hash, ingress, now_ns, scratch,
+            ));
         };
         // As `prepare_forward`: the route, then the TTL, before anything is written.
         let Some(hop) = t.node.next_hop_v4(out.dst) else {
