@@ -993,11 +993,29 @@ impl<A: Addr> Table<A> {
     /// side `t` is. A flow whose two tuples are equal matches as [`Direction::Original`].
     #[inline]
     fn find(&self, hash: u64, t: &Tuple<A>) -> Option<(u32, Direction)> {
+        self.find_hinted(hash, t, None)
+    }
+
+    /// [`Table::find`], trying first the index value `candidate` (from
+    /// [`Table::prefetch_entry`]) without reading the index: a slot holds a given tuple in
+    /// at most one flow (inserts refuse a tuple any flow, live or expired, holds), so if
+    /// the candidate's flow has the tuple, it is the one the index search finds.
+    #[inline]
+    fn find_hinted(
+        &self,
+        hash: u64,
+        t: &Tuple<A>,
+        candidate: Option<u32>,
+    ) -> Option<(u32, Direction)> {
         let slab = &self.slab;
-        let v = self.index.find(hash, |v| {
+        let is_it = |v: u32| {
             slab.get((v & !REPLY_BIT) as usize)
                 .is_some_and(|e| !e.is_free() && e.tuple(side_of(v)) == *t)
-        })?;
+        };
+        let v = match candidate {
+            Some(v) if is_it(v) => v,
+            _ => self.index.find(hash, is_it)?,
+        };
         let slot = v & !REPLY_BIT;
         let dir = match side_of(v) {
             Direction::Reply
@@ -1021,7 +1039,20 @@ impl<A: Addr> Table<A> {
         now_s: u32,
         stats: &mut ConntrackStats,
     ) -> Option<(u32, Direction)> {
-        let (slot, dir) = self.find(hash, t)?;
+        self.find_live_hinted(hash, t, None, now_s, stats)
+    }
+
+    /// [`Table::find_live`] with a [`Table::find_hinted`] candidate.
+    #[inline]
+    fn find_live_hinted(
+        &mut self,
+        hash: u64,
+        t: &Tuple<A>,
+        candidate: Option<u32>,
+        now_s: u32,
+        stats: &mut ConntrackStats,
+    ) -> Option<(u32, Direction)> {
+        let (slot, dir) = self.find_hinted(hash, t, candidate)?;
         if self.slab.get(slot as usize)?.is_expired(now_s) {
             self.remove(slot);
             stats.expired += 1;
@@ -1067,20 +1098,24 @@ impl<A: Addr> Table<A> {
 
     /// Prefetches the slab entry of the first way of `hash`'s home bucket whose
     /// fingerprint matches (both cache lines it may straddle).
+    /// Returns whether the tuple may be in the index, and the index value prefetched (a
+    /// candidate for [`Table::find_hinted`]).
     #[inline]
-    fn prefetch_entry(&self, hash: u64) -> bool {
+    fn prefetch_entry(&self, hash: u64) -> (bool, Option<u32>) {
         if self.index.buckets.is_empty() {
-            return false;
+            return (false, None);
         }
         let Some(b) = self.index.buckets.get(self.index.home(hash)) else {
-            return false;
+            return (false, None);
         };
         let m = b.matches(Index::tag(hash));
         if m == 0 {
             // Not in its home bucket; elsewhere only if the bucket overflowed.
-            return b.overflow != 0;
+            return (b.overflow != 0, None);
         }
-        let v = b.vals.get(way_of(m.trailing_zeros())).copied().unwrap_or(0);
+        let Some(v) = b.vals.get(way_of(m.trailing_zeros())).copied() else {
+            return (true, None);
+        };
         let slot = (v & !REPLY_BIT) as usize;
         if slot < self.slab.len() {
             let p = self.slab.as_ptr().wrapping_add(slot);
@@ -1090,7 +1125,7 @@ impl<A: Addr> Table<A> {
                     .wrapping_add(core::mem::size_of::<Entry<A>>() - 1),
             );
         }
-        true
+        (true, Some(v))
     }
 
     /// Frees an occupied slot and unlinks both its tuples from the index.
@@ -1409,10 +1444,17 @@ impl Conntrack {
     #[inline]
     pub fn prefetch_flow(&self, h: FlowHash) -> bool {
         if h.v6 {
-            self.v6.prefetch_entry(h.hash)
+            self.v6.prefetch_entry(h.hash).0
         } else {
-            self.v4.prefetch_entry(h.hash)
+            self.v4.prefetch_entry(h.hash).0
         }
+    }
+
+    /// [`Conntrack::prefetch_flow`] of an IPv4 tuple, also returning the flow candidate
+    /// [`Conntrack::lookup_v4`] can try before reading the index again.
+    #[inline]
+    pub(crate) fn prefetch_flow_v4(&self, hash: u64) -> (bool, Option<u32>) {
+        self.v4.prefetch_entry(hash)
     }
 
     /// The index hash of an IPv4 tuple (what [`Conntrack::lookup_v4`] and
@@ -1433,17 +1475,19 @@ impl Conntrack {
     /// flow's slot, the packet's direction, and the tuple the packet leaves with (NAT
     /// applied). Same effects as `lookup` (the clock starts, an expired flow met is
     /// removed, a miss is remembered for the insert that usually follows). `hash` is
-    /// [`Conntrack::hash_v4`] of `t`.
+    /// [`Conntrack::hash_v4`] of `t`; `candidate` what [`Conntrack::prefetch_flow_v4`]
+    /// returned for it, if anything.
     #[inline]
     pub(crate) fn lookup_v4(
         &mut self,
         t: &Tuple<u32>,
         hash: u64,
+        candidate: Option<u32>,
         now_ns: u64,
     ) -> Option<(FlowId, Direction, Tuple<u32>)> {
         let now_s = self.now_s(now_ns);
         let table = &mut self.v4;
-        match table.find_live(hash, t, now_s, &mut self.stats) {
+        match table.find_live_hinted(hash, t, candidate, now_s, &mut self.stats) {
             Some((slot, dir)) => {
                 let e = table.slab.get(slot as usize)?;
                 Some((table.id(slot), dir, e.translated(dir)))

@@ -247,11 +247,11 @@ impl Worker {
         }
         let mut any_new = false;
         for (h, p) in hashes.iter().zip(peeked.iter_mut()).take(n) {
-            let Some(h) = h else { continue };
-            let maybe_tracked = self.conntrack.prefetch_flow(*h);
-            if let (false, Some(pk)) = (maybe_tracked, p.as_mut()) {
-                pk.mark_new(&t.services);
-                any_new = true;
+            if let Some(pk) = p.as_mut() {
+                pk.prefetch_flow(&self.conntrack, &t.services);
+                any_new |= pk.is_new();
+            } else if let Some(h) = h {
+                self.conntrack.prefetch_flow(*h);
             }
         }
         if !any_new {

@@ -71,6 +71,8 @@ pub(super) struct Peeked {
     frontend: Option<Option<Frontend>>,
     /// The flow's load-balancing hash, once computed.
     lb_hash: Option<u64>,
+    /// The conntrack index value the second pass prefetched the flow entry of.
+    candidate: Option<u32>,
 }
 
 impl Peeked {
@@ -84,13 +86,29 @@ impl Peeked {
             frontend_hash: None,
             frontend: None,
             lb_hash: None,
+            candidate: None,
         })
     }
 
-    /// Second pass, for a flow the conntrack index certainly does not hold: prefetches
-    /// its frontend slot.
+    /// Second pass: the flow's entry prefetched (the caller prefetched its bucket); for a
+    /// flow the conntrack index certainly does not hold, its frontend slot too.
     #[inline]
-    pub(super) fn mark_new(&mut self, services: &ServiceTable) {
+    pub(super) fn prefetch_flow(&mut self, ct: &Conntrack, services: &ServiceTable) {
+        let (maybe_tracked, candidate) = ct.prefetch_flow_v4(self.hash);
+        self.candidate = candidate;
+        if !maybe_tracked {
+            self.mark_new(services);
+        }
+    }
+
+    /// Whether [`Peeked::prefetch_flow`] found the flow certainly new.
+    #[inline]
+    pub(super) fn is_new(&self) -> bool {
+        self.frontend_hash.is_some()
+    }
+
+    #[inline]
+    fn mark_new(&mut self, services: &ServiceTable) {
         let t = &self.tuple;
         let h = frontend_hash_v4(t.dst, t.proto, t.dport);
         if let Some(p) = services.frontend_v4_ptr(h) {
@@ -255,15 +273,15 @@ impl Worker {
         scratch: &mut [u8],
         peeked: Option<Peeked>,
     ) -> Option<Verdict> {
-        let (tuple, hash, frontend, lb_hash) = match peeked {
-            Some(p) => (p.tuple, p.hash, p.frontend, p.lb_hash),
+        let (tuple, hash, frontend, lb_hash, candidate) = match peeked {
+            Some(p) => (p.tuple, p.hash, p.frontend, p.lb_hash, p.candidate),
             None => {
                 let tuple = peek_v4(frame)?;
-                (tuple, self.conntrack.hash_v4(&tuple), None, None)
+                (tuple, self.conntrack.hash_v4(&tuple), None, None, None)
             }
         };
         let (layout, flags) = validate(frame, tuple.proto)?;
-        let Some((id, dir, out)) = self.conntrack.lookup_v4(&tuple, hash, now_ns) else {
+        let Some((id, dir, out)) = self.conntrack.lookup_v4(&tuple, hash, candidate, now_ns) else {
             let key = FlowKey {
                 src: ip(tuple.src),
                 dst: ip(tuple.dst),
