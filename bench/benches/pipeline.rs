@@ -108,7 +108,7 @@ fn setup(case: Case) -> Setup {
     eprintln!(
         "setup {} services ({} endpoints): tables {built:.2?}, {} flows opened in {:.2?}; \
          conntrack {} flows, capacity {} (v4 + v6), {} bytes ({:.1} B per tracked flow at \
-         this capacity)",
+         this capacity), index on huge pages: {}",
         case.services,
         cluster.endpoint_count,
         ct.len(),
@@ -117,6 +117,7 @@ fn setup(case: Case) -> Setup {
         ct.capacity(),
         ct.memory_bytes(),
         ct.memory_bytes() as f64 / ct.len() as f64,
+        ct.index_on_huge_pages(),
     );
     Setup {
         cluster,

@@ -121,6 +121,7 @@ use core::fmt;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::flow::{mix, FlowKey, L4Proto};
+use crate::hugemem::HugeTable;
 use crate::tables::ServicePortId;
 
 pub use crate::wire::tcp_flags;
@@ -717,7 +718,7 @@ const REPLY_BIT: u32 = 1 << 31;
 /// One cache line of the tuple index: up to [`WAYS`] entries, each a 16-bit fingerprint
 /// of the tuple hash and the slab slot (plus [`REPLY_BIT`]) of the flow it names.
 #[repr(C, align(64))]
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct Bucket {
     /// Fingerprint per way; 0 marks an empty way (fingerprints are never 0).
     tags: [u16; WAYS],
@@ -769,26 +770,38 @@ fn way_of(bit: u32) -> usize {
 /// counts instead of tombstones (as in folly's F14). Never allocates after
 /// construction and never needs a rebuild: it has room for two entries per slab slot.
 struct Index {
-    buckets: Vec<Bucket>,
+    /// On transparent huge pages where the kernel allows (see `hugemem.rs`): lookups
+    /// land anywhere in it, and on 4 KiB pages nearly every one would also miss the TLB.
+    table: HugeTable<Bucket>,
 }
 
 impl Index {
     fn new(capacity: usize) -> Self {
         let n = (capacity as u64 * BUCKETS_PER_FLOW_NUM).div_ceil(BUCKETS_PER_FLOW_DEN);
         Self {
-            buckets: vec![Bucket::default(); n as usize],
+            table: HugeTable::zeroed(n as usize),
         }
     }
 
+    #[inline]
+    fn buckets(&self) -> &[Bucket] {
+        self.table.as_slice()
+    }
+
+    #[inline]
+    fn buckets_mut(&mut self) -> &mut [Bucket] {
+        self.table.as_mut_slice()
+    }
+
     fn memory_bytes(&self) -> usize {
-        self.buckets.capacity() * core::mem::size_of::<Bucket>()
+        self.table.memory_bytes()
     }
 
     /// Home bucket of a hash: its low 32 bits scaled to the bucket count (no power of
     /// two needed). Only meaningful with at least one bucket.
     #[inline]
     fn home(&self, hash: u64) -> usize {
-        (((hash & 0xffff_ffff) * self.buckets.len() as u64) >> 32) as usize
+        (((hash & 0xffff_ffff) * self.buckets().len() as u64) >> 32) as usize
     }
 
     /// Fingerprint of a hash: its top 16 bits, never 0.
@@ -799,7 +812,7 @@ impl Index {
 
     #[inline]
     fn next(&self, b: usize) -> usize {
-        if b + 1 >= self.buckets.len() {
+        if b + 1 >= self.buckets().len() {
             0
         } else {
             b + 1
@@ -809,10 +822,10 @@ impl Index {
     /// Address of the home bucket, for prefetching.
     #[inline]
     fn home_ptr(&self, hash: u64) -> Option<*const Bucket> {
-        if self.buckets.is_empty() {
+        if self.buckets().is_empty() {
             return None;
         }
-        Some(self.buckets.as_ptr().wrapping_add(self.home(hash)))
+        Some(self.buckets().as_ptr().wrapping_add(self.home(hash)))
     }
 
     /// The first value stored under `hash` for which `is_it` holds.
@@ -820,8 +833,8 @@ impl Index {
     fn find(&self, hash: u64, mut is_it: impl FnMut(u32) -> bool) -> Option<u32> {
         let tag = Self::tag(hash);
         let mut b = self.home(hash);
-        for _ in 0..self.buckets.len() {
-            let bucket = self.buckets.get(b)?;
+        for _ in 0..self.buckets().len() {
+            let bucket = self.buckets().get(b)?;
             let mut m = bucket.matches(tag);
             while m != 0 {
                 let w = way_of(m.trailing_zeros());
@@ -842,7 +855,7 @@ impl Index {
     /// Stores `val` under `hash`; false only if every way is taken (cannot happen: the
     /// index has more ways than twice the slab).
     fn insert(&mut self, hash: u64, val: u32) -> bool {
-        let n = self.buckets.len();
+        let n = self.buckets().len();
         if n == 0 {
             return false;
         }
@@ -850,7 +863,7 @@ impl Index {
         let home = self.home(hash);
         let mut b = home;
         for _ in 0..n {
-            let Some(bucket) = self.buckets.get_mut(b) else {
+            let Some(bucket) = self.buckets_mut().get_mut(b) else {
                 return false;
             };
             let empty = bucket.empty_ways();
@@ -863,7 +876,7 @@ impl Index {
                 *v = val;
                 let mut c = home;
                 while c != b {
-                    if let Some(p) = self.buckets.get_mut(c) {
+                    if let Some(p) = self.buckets_mut().get_mut(c) {
                         p.overflow += 1;
                     }
                     c = self.next(c);
@@ -880,8 +893,8 @@ impl Index {
         let tag = Self::tag(hash);
         let home = self.home(hash);
         let mut b = home;
-        for _ in 0..self.buckets.len() {
-            let Some(bucket) = self.buckets.get_mut(b) else {
+        for _ in 0..self.buckets().len() {
+            let Some(bucket) = self.buckets_mut().get_mut(b) else {
                 return;
             };
             let hit = (0..WAYS).find(|&w| bucket.tags[w] == tag && bucket.vals[w] == val);
@@ -889,7 +902,7 @@ impl Index {
                 bucket.tags[w] = 0;
                 let mut c = home;
                 while c != b {
-                    if let Some(p) = self.buckets.get_mut(c) {
+                    if let Some(p) = self.buckets_mut().get_mut(c) {
                         p.overflow -= 1;
                     }
                     c = self.next(c);
@@ -906,7 +919,7 @@ impl Index {
     /// Entries stored (for tests).
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.buckets
+        self.buckets()
             .iter()
             .map(|b| b.tags.iter().filter(|&&t| t != 0).count())
             .sum()
@@ -1102,10 +1115,10 @@ impl<A: Addr> Table<A> {
     /// candidate for [`Table::find_hinted`]).
     #[inline]
     fn prefetch_entry(&self, hash: u64) -> (bool, Option<u32>) {
-        if self.index.buckets.is_empty() {
+        if self.index.buckets().is_empty() {
             return (false, None);
         }
-        let Some(b) = self.index.buckets.get(self.index.home(hash)) else {
+        let Some(b) = self.index.buckets().get(self.index.home(hash)) else {
             return (false, None);
         };
         let m = b.matches(Index::tag(hash));
@@ -1650,6 +1663,14 @@ impl Conntrack {
     /// Total hard capacity: IPv4 plus IPv6 flows.
     pub fn capacity(&self) -> usize {
         self.v4.capacity() + self.v6.capacity()
+    }
+
+    /// Whether the kernel accepted the huge-page advice for both families' indexes (see
+    /// `hugemem.rs`; with THP `never` it refuses, and the tables work on 4 KiB pages).
+    pub fn index_on_huge_pages(&self) -> bool {
+        [&self.v4.index, &self.v6.index]
+            .iter()
+            .all(|i| i.buckets().is_empty() || i.table.huge_pages_advised())
     }
 
     pub fn stats(&self) -> ConntrackStats {
@@ -2451,7 +2472,7 @@ mod tests {
         let overflow: u64 = ct
             .v4
             .index
-            .buckets
+            .buckets()
             .iter()
             .map(|b| u64::from(b.overflow))
             .sum();
@@ -2470,10 +2491,10 @@ mod tests {
     /// overflow count is exactly the number of entries whose probe passed it.
     fn check_index<A: Addr>(t: &Table<A>) {
         let ix = &t.index;
-        let n = ix.buckets.len();
+        let n = ix.buckets().len();
         let mut want_overflow = vec![0u32; n];
         let mut seen = 0;
-        for (b, bucket) in ix.buckets.iter().enumerate() {
+        for (b, bucket) in ix.buckets().iter().enumerate() {
             for w in 0..WAYS {
                 if bucket.tags[w] == 0 {
                     continue;
@@ -2492,7 +2513,7 @@ mod tests {
             }
         }
         assert_eq!(seen, 2 * t.len);
-        let got: Vec<u32> = ix.buckets.iter().map(|b| b.overflow).collect();
+        let got: Vec<u32> = ix.buckets().iter().map(|b| b.overflow).collect();
         assert_eq!(got, want_overflow);
         for (slot, e) in t.slab.iter().enumerate() {
             if !e.is_free() {
@@ -2517,7 +2538,7 @@ mod tests {
             eviction_scan: 8,
             ..ConntrackConfig::default()
         });
-        assert_eq!(ct.v4.index.buckets.len(), 3);
+        assert_eq!(ct.v4.index.buckets().len(), 3);
         let mut live = Vec::new();
         for i in 0..5000u32 {
             let (k, n) = est(i.wrapping_mul(2_654_435_761) >> 8);
@@ -2636,9 +2657,9 @@ mod tests {
             ct.insert(&k, n, tcp_flags::ACK, at(0)).unwrap();
         }
         let ix = &ct.v4.index;
-        let n = ix.buckets.len();
+        let n = ix.buckets().len();
         let (mut hits, mut hit_reads) = (0usize, 0usize);
-        for (b, bucket) in ix.buckets.iter().enumerate() {
+        for (b, bucket) in ix.buckets().iter().enumerate() {
             for w in 0..WAYS {
                 if bucket.tags[w] != 0 {
                     let v = bucket.vals[w];
@@ -2653,13 +2674,13 @@ mod tests {
         for home in 0..n {
             let mut b = home;
             miss_reads += 1;
-            while ix.buckets[b].overflow != 0 {
+            while ix.buckets()[b].overflow != 0 {
                 b = ix.next(b);
                 miss_reads += 1;
             }
         }
         let (hit, miss) = (hit_reads as f64 / hits as f64, miss_reads as f64 / n as f64);
-        let overflowing = ix.buckets.iter().filter(|b| b.overflow != 0).count();
+        let overflowing = ix.buckets().iter().filter(|b| b.overflow != 0).count();
         println!(
             "full table ({} of {} ways used): buckets read per hit {hit:.3}, per miss \
              {miss:.3}; {:.1}% of buckets overflow",

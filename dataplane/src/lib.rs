@@ -10,6 +10,7 @@ pub mod checksum;
 pub mod conntrack;
 pub mod driver;
 pub mod flow;
+mod hugemem;
 pub mod maglev;
 pub mod parse;
 pub mod pipeline;

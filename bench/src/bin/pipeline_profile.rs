@@ -38,7 +38,11 @@ fn main() {
     let mut worker = Worker::new(worker_config(capacity));
     let t = Instant::now();
     let established = establish(&mut worker, &cluster, 0..tracked, T0_NS);
-    eprintln!("{tracked} flows opened in {:.2?}", t.elapsed());
+    eprintln!(
+        "{tracked} flows opened in {:.2?} (conntrack index on huge pages: {})",
+        t.elapsed(),
+        worker.conntrack.index_on_huge_pages()
+    );
     let set = match mode.as_str() {
         "established" => established,
         "new_flow" => first_packets(&cluster, tracked..tracked + pool),
