@@ -466,6 +466,12 @@ impl NodeTable {
             Some(n) => *n,
             None => self.routes_v4.iter().find(|r| dst & r.mask == r.net)?.via?,
         };
+        self.hop_to(n)
+    }
+
+    /// The next hop through neighbour `n`: its interface's kind and MAC.
+    #[inline]
+    fn hop_to(&self, n: Neighbour) -> Option<NextHop> {
         let iface = self.interfaces.get(n.iface.0 as usize)?;
         Some(NextHop {
             iface: n.iface,
@@ -489,13 +495,7 @@ impl NodeTable {
                 *self.neighbours.get(&via)?
             }
         };
-        let iface = self.interfaces.get(n.iface.0 as usize)?;
-        Some(NextHop {
-            iface: n.iface,
-            iface_kind: iface.kind,
-            src_mac: iface.mac,
-            dst_mac: n.mac,
-        })
+        self.hop_to(n)
     }
 
     #[inline]

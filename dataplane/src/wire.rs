@@ -186,30 +186,13 @@ impl<'a> FrameMut<'a> {
         let mut l4_sum = 0u32;
         let mut l4_changed = false;
         if l.is_ipv4() {
-            let header: Option<&mut [u8; ipv4::MIN_HEADER_LEN]> = self
-                .buf
-                .get_mut(l.l3..l.l3 + ipv4::MIN_HEADER_LEN)
-                .and_then(|h| h.try_into().ok());
-            if let Some(h) = header {
-                let mut ip_sum = 0u32;
-                let mut ip_changed = false;
-                for (at, addr) in [(ipv4::SRC.start, src.0), (ipv4::DST.start, dst.0)] {
-                    if let IpAddr::V4(a) = addr {
-                        if let Some(d) = swap_ipv4(h, at, u32::from(a)) {
-                            ip_sum += d;
-                            ip_changed = true;
-                        }
-                    }
-                }
-                if ip_changed {
-                    let c = ipv4::CHECKSUM;
-                    let cur = u16::from_be_bytes([h[c], h[c + 1]]);
-                    let new = !checksum::fold(u32::from(!cur) + ip_sum);
-                    h[c..c + 2].copy_from_slice(&new.to_be_bytes());
-                    l4_sum += ip_sum;
-                    l4_changed = true;
-                }
-            }
+            // Mixed families never happen (NAT does not cross them); an address of the
+            // wrong family is left as it is.
+            let v4 = |a: IpAddr| match a {
+                IpAddr::V4(a) => Some(u32::from(a)),
+                IpAddr::V6(_) => None,
+            };
+            (l4_sum, l4_changed) = self.swap_ipv4_addrs(v4(src.0), v4(dst.0));
         } else {
             for (at, addr) in [
                 (l.l3 + ipv6::SRC.start, src.0),
@@ -244,35 +227,42 @@ impl<'a> FrameMut<'a> {
     /// order): the fast path's form, and what `rewrite` runs for IPv4.
     #[inline]
     pub fn rewrite_v4(&mut self, src: (u32, u16), dst: (u32, u16)) {
-        let l = self.layout;
-        let mut l4_sum = 0u32;
-        let mut l4_changed = false;
+        let (l3_sum, l3_changed) = self.swap_ipv4_addrs(Some(src.0), Some(dst.0));
+        let (sum, changed) = self.swap_ports(src.1, dst.1);
+        if l3_changed || changed {
+            self.add_to_l4_checksum(l3_sum + sum);
+        }
+    }
+
+    /// Writes the IPv4 source and destination addresses given (where they differ) and
+    /// updates the header checksum once for both; returns the RFC 1624 addends of the
+    /// changes (the transport checksum's pseudo-header changes by the same) and whether
+    /// there were any.
+    #[inline]
+    fn swap_ipv4_addrs(&mut self, src: Option<u32>, dst: Option<u32>) -> (u32, bool) {
+        let l3 = self.layout.l3;
         let header: Option<&mut [u8; ipv4::MIN_HEADER_LEN]> = self
             .buf
-            .get_mut(l.l3..l.l3 + ipv4::MIN_HEADER_LEN)
+            .get_mut(l3..l3 + ipv4::MIN_HEADER_LEN)
             .and_then(|h| h.try_into().ok());
-        if let Some(h) = header {
-            let mut ip_sum = 0u32;
-            let mut ip_changed = false;
-            for (at, addr) in [(ipv4::SRC.start, src.0), (ipv4::DST.start, dst.0)] {
-                if let Some(d) = swap_ipv4(h, at, addr) {
-                    ip_sum += d;
-                    ip_changed = true;
-                }
-            }
-            if ip_changed {
-                let c = ipv4::CHECKSUM;
-                let cur = u16::from_be_bytes([h[c], h[c + 1]]);
-                let new = !checksum::fold(u32::from(!cur) + ip_sum);
-                h[c..c + 2].copy_from_slice(&new.to_be_bytes());
-                l4_sum += ip_sum;
-                l4_changed = true;
+        let Some(h) = header else {
+            return (0, false);
+        };
+        let mut ip_sum = 0u32;
+        let mut ip_changed = false;
+        for (at, addr) in [(ipv4::SRC.start, src), (ipv4::DST.start, dst)] {
+            if let Some(d) = addr.and_then(|a| swap_ipv4(h, at, a)) {
+                ip_sum += d;
+                ip_changed = true;
             }
         }
-        let (sum, changed) = self.swap_ports(src.1, dst.1);
-        if l4_changed || changed {
-            self.add_to_l4_checksum(l4_sum + sum);
+        if ip_changed {
+            let c = ipv4::CHECKSUM;
+            let cur = u16::from_be_bytes([h[c], h[c + 1]]);
+            let new = !checksum::fold(u32::from(!cur) + ip_sum);
+            h[c..c + 2].copy_from_slice(&new.to_be_bytes());
         }
+        (ip_sum, ip_changed)
     }
 
     /// Writes both ports where they differ; returns the RFC 1624 addends of the changes
