@@ -8,10 +8,11 @@
 use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd, RawFd};
 
+use kxp_dataplane::driver::afxdp::bind_socket;
 use xsk_rs::config::{
     BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
 };
-use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
 
 /// kxp's defaults (`AfxdpConfig::default`).
 pub const FRAME_SIZE: u32 = 2048;
@@ -126,8 +127,9 @@ impl Xsk {
                 .parse()
                 .map_err(|_| format!("interface name {name:?} contains NUL"))?;
             // SAFETY: the program-load inhibit flag is set, which is what sockets sharing
-            // a UMEM need; each (interface, queue) pair is bound once here.
-            let (tx, rx, rings) = unsafe { Socket::new(sock_cfg, &umem, &iface, queue) }
+            // a UMEM need; each (interface, queue) pair is bound once here. The driver's
+            // bind waits out a queue the previous run's socket still holds (EBUSY).
+            let (tx, rx, rings) = unsafe { bind_socket(sock_cfg, &umem, &iface, queue) }
                 .map_err(|e| format!("AF_XDP socket on {name} queue {queue}: {}", describe(&e)))?;
             let (fill, comp) = rings.ok_or_else(|| {
                 format!("AF_XDP socket on {name}: no fill/completion rings (already bound?)")

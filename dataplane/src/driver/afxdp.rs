@@ -1305,6 +1305,54 @@ impl AfxdpWorker {
     }
 }
 
+/// How long [`bind_socket`] keeps retrying a queue the kernel reports busy.
+pub const BIND_BUSY_WAIT: Duration = Duration::from_secs(3);
+
+/// The rings [`Socket::new`] returns.
+pub type SocketRings = (TxQueue, RxQueue, Option<(FillQueue, CompQueue)>);
+
+/// Creates an AF_XDP socket on `iface`'s `queue`, sharing `umem`, and retries while the
+/// kernel answers EBUSY, for at most [`BIND_BUSY_WAIT`].
+///
+/// The kernel releases a closed socket's buffer pool from a queue in deferred work, so
+/// a socket bound right after the queue's previous owner exited (kxp restarted, a bench
+/// tool run twice on the same topology) can find the queue still taken for a few
+/// milliseconds. A queue held by a live socket stays busy and the error is returned once
+/// the wait is over. xsk-rs keeps the UMEM's saved fill and completion rings across a
+/// failed attempt, so a retry hands libxdp the same rings.
+///
+/// # Safety
+///
+/// The contract of [`Socket::new`]: sockets sharing a UMEM set the program-load inhibit
+/// flag or share one program, and each (interface, queue) pair is bound once per UMEM.
+pub unsafe fn bind_socket(
+    cfg: SocketConfig,
+    umem: &Umem,
+    iface: &Interface,
+    queue: u32,
+) -> Result<SocketRings, xsk_rs::socket::SocketCreateError> {
+    let until = Instant::now() + BIND_BUSY_WAIT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        // SAFETY: the caller upholds `Socket::new`'s contract.
+        match unsafe { Socket::new(cfg, umem, iface, queue) } {
+            Err(e) if is_busy(&e) && Instant::now() + pause < until => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn is_busy(e: &xsk_rs::socket::SocketCreateError) -> bool {
+    use std::error::Error as _;
+    e.source()
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::raw_os_error)
+        == Some(libc::EBUSY)
+}
+
 /// Binds a socket on `spec`'s interface and `queue`, sharing `umem`.
 fn open_port(
     spec: &PortSpec,
@@ -1320,7 +1368,7 @@ fn open_port(
     // sockets sharing a UMEM; every (interface, queue) pair is bound once per worker (the
     // callers refuse an interface that already has a socket).
     let (tx, rx, rings) =
-        unsafe { Socket::new(sock_cfg, umem, &name, queue) }.map_err(|e| AfxdpError::Socket {
+        unsafe { bind_socket(sock_cfg, umem, &name, queue) }.map_err(|e| AfxdpError::Socket {
             iface: spec.name.clone(),
             err: describe(&e),
         })?;
