@@ -1195,13 +1195,10 @@ impl AfxdpWorker {
                     if !p.tx.needs_wakeup() {
                         break;
                     }
-                    self.counters.tx_kicks += 1;
                     self.counters.tx_full_kicks += 1;
-                    if p.tx.wakeup().is_err() {
-                        self.counters.tx_kick_errors += 1;
+                    if !self.kick_port(i) {
                         break;
                     }
-                    self.complete(i);
                 }
                 let p = &mut self.ports[i];
                 // SAFETY: every staged descriptor names a frame of this UMEM that we own,
@@ -1219,6 +1216,18 @@ impl AfxdpWorker {
             self.counters.tx_ring_full += (n - sent) as u64;
             self.free.extend_from_slice(&p.staged[sent..n]);
         }
+    }
+
+    /// One kick of port `i`'s TX (`sendto`), then its completions reaped; false if the
+    /// kick failed (counted), which ends the caller's kicking.
+    fn kick_port(&mut self, i: usize) -> bool {
+        self.counters.tx_kicks += 1;
+        if self.ports[i].tx.wakeup().is_err() {
+            self.counters.tx_kick_errors += 1;
+            return false;
+        }
+        self.complete(i);
+        true
     }
 
     /// Kicks every socket the kernel still holds TX frames for (trap 2: copy-mode TX
@@ -1239,12 +1248,9 @@ impl AfxdpWorker {
                 if round > 0 {
                     self.counters.tx_extra_kicks += 1;
                 }
-                self.counters.tx_kicks += 1;
-                if p.tx.wakeup().is_err() {
-                    self.counters.tx_kick_errors += 1;
+                if !self.kick_port(i) {
                     break;
                 }
-                self.complete(i);
                 let p = &mut self.ports[i];
                 let left = self.tx_ring_size - p.tx.nb_free_exact().min(self.tx_ring_size);
                 if left == 0 || left >= unsent {
