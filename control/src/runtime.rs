@@ -44,7 +44,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kxp_dataplane::driver::afxdp::handoff::{mesh, HandoffEnds};
-use kxp_dataplane::driver::afxdp::steer::{Steering, STAT_NAMES};
+use kxp_dataplane::driver::afxdp::reply_table::WAYS as REPLY_WAYS;
+use kxp_dataplane::driver::afxdp::steer::{reply_buckets_for, Steering, STAT_NAMES};
 use kxp_dataplane::driver::afxdp::{
     AfxdpConfig, AfxdpWorker, DriverCounters, PortChange, PortChangeResult, PortSpec,
 };
@@ -106,6 +107,8 @@ pub struct RunConfig {
     pub masquerade_all: bool,
     /// Tracked flows per worker (IPv4; IPv6 gets a quarter).
     pub conntrack_capacity: usize,
+    /// Slots of the XDP reply table (`None`: sized for every tuple conntrack can hold).
+    pub reply_table_slots: Option<usize>,
     pub afxdp: AfxdpConfig,
     pub neighbour_refresh: Duration,
     /// Print counters this often (none: only at exit).
@@ -134,6 +137,7 @@ impl RunConfig {
             snat_ports: (61000, 65535),
             masquerade_all: false,
             conntrack_capacity: 1 << 18,
+            reply_table_slots: None,
             afxdp: AfxdpConfig::default(),
             neighbour_refresh: Duration::from_millis(500),
             stats_interval: None,
@@ -1002,7 +1006,12 @@ impl Runtime {
         };
         rt.refresh_neighbours();
         rt.merge(true)?;
-        rt.steering = Some(Steering::load()?);
+        rt.steering = Some(Steering::load(rt.reply_buckets())?);
+        let several = rt.cfg.queues.len() > 1;
+        rt.steering
+            .as_mut()
+            .expect("loaded above")
+            .set_several_workers(several)?;
         rt.start_steering()?;
         rt.start_workers()?;
         let steering = rt.steering.as_mut().expect("loaded above");
@@ -1020,6 +1029,19 @@ impl Runtime {
             rt.ready_written = true;
         }
         Ok(rt)
+    }
+
+    /// Reply-table buckets for every tuple the workers can track at once: each flow
+    /// conntrack can hold (IPv4 and IPv6), on every worker, once (its reply tuple) or,
+    /// with several workers, twice (its original tuple too).
+    fn reply_buckets(&self) -> u32 {
+        if let Some(slots) = self.cfg.reply_table_slots {
+            return u32::try_from(slots.div_ceil(REPLY_WAYS).max(1)).unwrap_or(u32::MAX);
+        }
+        let wc = self.worker_config(0);
+        let per_worker = wc.conntrack.capacity + wc.conntrack.capacity_v6;
+        let tuples_per_flow = if self.cfg.queues.len() > 1 { 2 } else { 1 };
+        reply_buckets_for(per_worker * self.cfg.queues.len().max(1) * tuples_per_flow)
     }
 
     fn worker_config(&self, index: usize) -> WorkerConfig {
@@ -1103,6 +1125,7 @@ impl Runtime {
             let stop = Arc::clone(&self.worker_stop);
             let stats = Arc::clone(&self.stats);
             let reply_map = self.steering.as_ref().expect("loaded").reply_map()?;
+            let reply_table = self.steering.as_ref().expect("loaded").reply_table();
             let ready = ready_tx.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("kxp-worker-{i}"))
@@ -1121,7 +1144,7 @@ impl Runtime {
                             return;
                         }
                     };
-                    io.set_reply_map(reply_map, snat, afxdp.reply_capacity, i as u32);
+                    io.set_reply_map(reply_table, reply_map, snat, afxdp.reply_capacity, i as u32);
                     if let Some(ends) = ends {
                         io.set_handoff(i as u32, ends);
                     }

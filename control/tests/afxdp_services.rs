@@ -119,7 +119,10 @@ fn services_tcp_udp_hairpin_and_node_traffic() {
     assert_eq!(counter(&log, "driver.pass_not_reinjected"), 0, "{log}");
     assert_eq!(counter(&log, "driver.tx_ring_full"), 0, "{log}");
     assert_eq!(counter(&log, "xdp.drop_snat_unowned"), 0, "{log}");
-    assert!(counter(&log, "driver.reply_tuples_added") > 0, "{log}");
+    // Reply tuples went to the shared reply table; none needed the LRU map.
+    assert!(counter(&log, "driver.reply_table_inserts") > 0, "{log}");
+    assert_eq!(counter(&log, "driver.reply_table_full"), 0, "{log}");
+    assert_eq!(counter(&log, "driver.reply_tuples_added"), 0, "{log}");
     assert!(counter(&log, "xdp.redirect_snat_reply") > 0, "{log}");
 
     // Without kxp the kernel has everything back: the node's own traffic still works.
@@ -255,4 +258,30 @@ fn node_to_cluster_ip_through_the_host_veth() {
     assert!(!gone.status.success(), "host veth left behind");
     let routes = node.cmd("node", "ip").args(["route"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&routes.stdout).contains("10.96.0.0/16"));
+}
+
+/// A reply table too small for the traffic (one bucket): the tuples that find no slot go
+/// to the kernel's LRU map instead, counted, and every connection still works.
+#[test]
+fn reply_table_overflow_falls_back_to_the_lru_map() {
+    if !can_run("reply_table_overflow_falls_back_to_the_lru_map") {
+        return;
+    }
+    let mut node = Node::up(false);
+    node.start_kxp(&["--reply-table-slots", "4"]);
+    let pods: BTreeSet<String> = ["pod-a", "pod-b", "pod-c"].map(String::from).into();
+    let (ok, failed) = node.http_parallel("pod-b", &format!("http://{CLUSTER_IP}/"), 32);
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(ok.into_iter().collect::<BTreeSet<_>>(), pods);
+    let answers = node
+        .udp_many("pod-c", CLUSTER_IP, 53, 24)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(answers.len(), 24);
+    let (status, log) = node.stop_kxp(15);
+    assert!(status.success(), "kxp run exit: {status}\n{log}");
+    assert!(counter(&log, "driver.reply_table_inserts") > 0, "{log}");
+    assert!(counter(&log, "driver.reply_table_full") > 0, "{log}");
+    assert!(counter(&log, "driver.reply_tuples_added") > 0, "{log}");
+    assert_eq!(counter(&log, "driver.reply_map_errors"), 0, "{log}");
+    assert_eq!(counter(&log, "driver.pass_not_reinjected"), 0, "{log}");
 }

@@ -16,7 +16,10 @@
 //      answer it with a reset);
 //   4. replies of flows kxp translated without masquerading (a pod's connection to a
 //      ClusterIP, external traffic under externalTrafficPolicy Local): the exact reply
-//      tuple in `replies`, which the workers keep in step in batches;
+//      tuple in `reply_table`, a hash table the workers write directly through a shared
+//      mapping (no system call per flow; see "Reply table" below), or, for the rare
+//      tuple that finds no free slot there, in the LRU map `replies`, which the workers
+//      write in batches;
 //   5. fragments addressed to a service address (kxp drops and counts them).
 //
 // Ownership. Conntrack is per worker and AF_XDP can only deliver a frame to the socket of
@@ -26,14 +29,25 @@
 // them into the UMEM right in front of the frame): KXP_META_MAGIC and the owning worker's
 // index, or KXP_NO_OWNER when any worker may take it (a new flow). The owner of
 //   * a masqueraded reply is the worker whose SNAT share holds the port (`snat_owner`);
-//   * a reply of an unmasqueraded flow is the value of its tuple in `replies`;
-//   * a later frame of a flow in the original direction is the value of its (wire)
-//     tuple in `replies` (the workers insert the original tuple of each new flow too
-//     when there are several of them);
+//   * a reply of an unmasqueraded flow is the owner of its tuple in `reply_table` (or
+//     `replies`);
+//   * a later frame of a flow in the original direction is the owner of its (wire)
+//     tuple there (the workers insert the original tuple of each new flow too when
+//     there are several of them);
 //   * anything else is nobody's yet (KXP_NO_OWNER).
 // The worker hands frames it does not own to their owner (driver/afxdp/handoff.rs).
 // STAT_OTHER_OWNER counts frames steered to a queue whose worker (`queue_workers`) is not
 // their owner, i.e. frames that userspace must hand over.
+//
+// Reply table. An array map of buckets (BPF_F_MMAPABLE), each REPLY_WAYS slots of
+// (state, owner, tuple), that userspace maps and writes with atomic operations; this
+// program only reads it. A tuple lives in one of two buckets picked by a seeded hash
+// (tuple_hash, mirrored in reply_table.rs; seed and bucket count in `reply_cfg`). A
+// slot's state is generation << 2 | tag, tag 0 free, 1 being written, 2 valid; writers
+// claim a slot by compare-and-swap to tag 1, write, then publish tag 2 with the next
+// generation. A reader takes a slot only if its state is valid and reads the same before
+// and after the tuple and owner (x86 keeps loads in order; the compiler is held by
+// volatile reads), so a slot rewritten under it is never mistaken for a match.
 //
 // Self-contained (no system headers) so that any clang with the BPF target builds it.
 // Compiled by dataplane/build.rs; loaded, filled and attached by
@@ -74,6 +88,7 @@ enum {
 	BPF_MAP_TYPE_XSKMAP = 17,
 };
 #define BPF_F_NO_PREALLOC 1
+#define BPF_F_MMAPABLE (1U << 10)
 
 struct xdp_md {
 	__u32 data;
@@ -227,6 +242,44 @@ struct {
 	__type(value, __u32);
 } replies SEC(".maps");
 
+// Reply table (see above). Sized by userspace before the program is loaded.
+#define REPLY_WAYS 4
+#define SLOT_FREE 0
+#define SLOT_BUSY 1
+#define SLOT_VALID 2
+struct reply_slot {
+	__u32 state;
+	__u32 owner;
+	struct tuple_key key;
+};
+
+struct reply_bucket {
+	struct reply_slot slot[REPLY_WAYS];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct reply_bucket);
+} reply_table SEC(".maps");
+
+// Buckets in use (0: the table is off) and the hash seed, written once before attach.
+struct reply_cfg {
+	__u32 buckets;
+	__u32 flags; // REPLY_CFG_OWNERS: several workers, find owners of original tuples
+	__u64 seed;
+};
+#define REPLY_CFG_OWNERS 1
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct reply_cfg);
+} reply_cfg SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STAT_MAX);
@@ -278,11 +331,98 @@ static __always_inline int is_service_addr(const struct addr *dst, __u8 flag)
 	return bpf_map_lookup_elem(&service_cidrs, &k) != 0;
 }
 
-// The worker owning the flow of tuple `t` if known (see Ownership above).
+#define READ_ONCE_U32(x) (*(volatile __u32 *)&(x))
+
+// Seeded hash of a tuple, as ten 32-bit words in memory order taken two at a time
+// (mirrored in reply_table.rs): a multiply-xorshift round per pair, then a finaliser.
+static __always_inline __u64 tuple_hash(const struct tuple_key *t, __u64 seed)
+{
+	const __u32 *w = (const __u32 *)t;
+	__u64 h = seed;
+#pragma unroll
+	for (int i = 0; i < 10; i += 2) {
+		__u64 v = (__u64)w[i] | ((__u64)w[i + 1] << 32);
+		h = (h ^ v) * 0x9e3779b97f4a7c15ULL;
+		h ^= h >> 29;
+	}
+	h ^= h >> 32;
+	h *= 0xd6e8feb86659fd93ULL;
+	h ^= h >> 32;
+	return h;
+}
+
+static __always_inline int same_tuple(const struct tuple_key *a, const struct tuple_key *b)
+{
+	const __u32 *x = (const __u32 *)a;
+	const __u32 *y = (const __u32 *)b;
+	__u32 d = 0;
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		d |= x[i] ^ y[i];
+	return d == 0;
+}
+
+// The owner of `t` in one bucket of the reply table, or KXP_NO_OWNER.
+static __always_inline __u32 bucket_owner(__u32 b, const struct tuple_key *t)
+{
+	struct reply_bucket *bk = bpf_map_lookup_elem(&reply_table, &b);
+	if (!bk)
+		return KXP_NO_OWNER;
+#pragma unroll
+	for (int j = 0; j < REPLY_WAYS; j++) {
+		struct reply_slot *s = &bk->slot[j];
+		__u32 s1 = READ_ONCE_U32(s->state);
+		if ((s1 & 3) != SLOT_VALID || !same_tuple(&s->key, t))
+			continue;
+		__u32 o = READ_ONCE_U32(s->owner);
+		if (READ_ONCE_U32(s->state) == s1)
+			return o;
+	}
+	return KXP_NO_OWNER;
+}
+
+// Picks bucket `i` (0 or 1) of a hash: the high and the low 32 bits scaled to the
+// bucket count (mirrored in reply_table.rs).
+static __always_inline __u32 bucket_of(__u64 h, int i, __u32 buckets)
+{
+	__u64 x = i ? (h >> 32) : (h & 0xffffffffULL);
+	return (__u32)((x * buckets) >> 32);
+}
+
+// The worker owning the flow of tuple `t` (see Ownership above): 1 and `*who` if the
+// tuple is in the reply table or the LRU map, 0 if in neither.
+static __always_inline int flow_owner(const struct tuple_key *t, __u32 *who)
+{
+	__u32 zero = 0;
+	struct reply_cfg *c = bpf_map_lookup_elem(&reply_cfg, &zero);
+	if (c && c->buckets) {
+		__u64 h = tuple_hash(t, c->seed);
+		__u32 o = bucket_owner(bucket_of(h, 0, c->buckets), t);
+		if (o == KXP_NO_OWNER)
+			o = bucket_owner(bucket_of(h, 1, c->buckets), t);
+		if (o != KXP_NO_OWNER) {
+			*who = o;
+			return 1;
+		}
+	}
+	__u32 *o = bpf_map_lookup_elem(&replies, t);
+	if (o) {
+		*who = *o;
+		return 1;
+	}
+	return 0;
+}
+
+// The worker owning the flow of tuple `t` if known. Only asked when there are several
+// workers: with one, every frame is its own.
 static __always_inline __u32 tuple_owner(struct tuple_key *t)
 {
-	__u32 *o = bpf_map_lookup_elem(&replies, t);
-	return o ? *o : KXP_NO_OWNER;
+	__u32 zero = 0;
+	struct reply_cfg *c = bpf_map_lookup_elem(&reply_cfg, &zero);
+	__u32 who = KXP_NO_OWNER;
+	if (!c || (c->flags & REPLY_CFG_OWNERS))
+		flow_owner(t, &who);
+	return who;
 }
 
 // Why a tuple belongs to kxp (a STAT_*), 0 if it does not, or STAT_SNAT_UNOWNED; and in
@@ -311,11 +451,8 @@ static __always_inline __u32 owner(struct tuple_key *t, __u32 *who)
 			return STAT_SNAT_REPLY;
 		}
 	}
-	__u32 *o = bpf_map_lookup_elem(&replies, t);
-	if (o) {
-		*who = *o;
+	if (flow_owner(t, who))
 		return STAT_REPLY;
-	}
 	return 0;
 }
 

@@ -333,6 +333,11 @@ struct RunArgs {
     /// Tracked IPv4 flows per worker.
     #[arg(long, default_value_t = 1 << 18)]
     conntrack_capacity: usize,
+    /// Slots of the reply table the workers share with the XDP program (48 bytes each;
+    /// default: half as many again as the tuples every worker's conntrack can hold).
+    /// Tuples that find no slot go to the kernel's LRU map: slower, still correct.
+    #[arg(long)]
+    reply_table_slots: Option<usize>,
     /// UMEM frame size (power of two, >= 2048; 4096 for frames above ~1780 bytes).
     #[arg(long, default_value_t = 2048)]
     frame_size: u32,
@@ -428,6 +433,7 @@ fn run_node(args: RunArgs) -> ExitCode {
     cfg.snat_ports = args.snat_ports;
     cfg.masquerade_all = args.masquerade_all;
     cfg.conntrack_capacity = args.conntrack_capacity;
+    cfg.reply_table_slots = args.reply_table_slots;
     cfg.afxdp.frame_size = args.frame_size;
     cfg.afxdp.ring_size = args.ring_size;
     cfg.afxdp.frames_per_socket = args.ring_size.saturating_mul(2);

@@ -74,6 +74,7 @@
 //! ([`DriverCounters::pass_not_reinjected`]), next to the pipeline's pass reason.
 
 pub mod handoff;
+pub mod reply_table;
 pub mod steer;
 
 use std::num::NonZeroU32;
@@ -97,6 +98,9 @@ use crate::verdict::{ForwardReason, Verdict};
 use crate::wire::{ipv4, ipv6, proto};
 
 use handoff::{HandoffEnds, HandoffRx, HandoffTx};
+use reply_table::{Inserted, ReplyTable, SlotRef};
+use std::collections::VecDeque;
+use std::sync::Arc;
 use steer::{ReplyMap, TupleKey, META_LEN, META_MAGIC, NO_OWNER};
 
 /// How a socket binds.
@@ -246,6 +250,11 @@ pub struct DriverCounters {
     /// map's LRU eviction then cleans them up).
     pub reply_map_errors: u64,
     pub reply_shadow_full: u64,
+    /// Tuples written to the shared reply table (`reply_tuples_removed` counts both
+    /// the table's and the LRU map's removals; `reply_tuples_added`, the LRU map's).
+    pub reply_table_inserts: u64,
+    /// Tuples that found both their reply-table buckets full and went to the LRU map.
+    pub reply_table_full: u64,
     /// The kernel's own counts for this worker's sockets (`XDP_STATISTICS`, summed):
     /// frames dropped for want of RX ring or fill ring space, invalid descriptors.
     pub kernel_rx_dropped: u64,
@@ -279,7 +288,7 @@ impl DriverCounters {
         }
     }
 
-    fn fields_mut(&mut self) -> [(&'static str, &mut u64); 34] {
+    fn fields_mut(&mut self) -> [(&'static str, &mut u64); 36] {
         [
             ("rx_frames", &mut self.rx_frames),
             ("tx_frames", &mut self.tx_frames),
@@ -302,6 +311,8 @@ impl DriverCounters {
             ("reply_tuples_removed", &mut self.reply_tuples_removed),
             ("reply_map_errors", &mut self.reply_map_errors),
             ("reply_shadow_full", &mut self.reply_shadow_full),
+            ("reply_table_inserts", &mut self.reply_table_inserts),
+            ("reply_table_full", &mut self.reply_table_full),
             ("kernel_rx_dropped", &mut self.kernel_rx_dropped),
             ("kernel_rx_ring_full", &mut self.kernel_rx_ring_full),
             ("kernel_fill_ring_empty", &mut self.kernel_fill_ring_empty),
@@ -358,11 +369,20 @@ struct Tracked {
     orig: Option<TupleKey>,
 }
 
-/// Tuples of new flows on their way to the steering map (reply tuples of flows kxp did
-/// not masquerade; with several workers, original tuples of every flow), and the ones
-/// already there (to remove them when their flow goes).
+/// The tuples of new flows the steering program must know (reply tuples of flows kxp
+/// did not masquerade; with several workers, original tuples of every flow): written to
+/// the shared reply table at once, or, when both their buckets are full, queued for the
+/// LRU map; and the ones this worker wrote (to remove them when their flow goes).
 #[derive(Debug)]
 struct ReplySteer {
+    table: Arc<ReplyTable>,
+    /// Slots this worker filled, oldest first; checked against conntrack as new ones come.
+    owned: VecDeque<SlotRef>,
+    /// Table inserts since the last sweep (each pays for checking two old slots).
+    inserted: usize,
+    /// When the last sweep that checked slots regardless of inserts ran.
+    last_idle_sweep_ns: u64,
+    owner: u32,
     map: ReplyMap,
     snat: (u16, u16),
     pending: [TupleKey; 2 * BATCH_SIZE],
@@ -392,20 +412,31 @@ impl ReplySteer {
     /// Notes the tuples of a new flow whose first frame (rewritten) is `frame` and whose
     /// original tuple was `orig` (given only when there are several workers): its reply
     /// tuple unless replies reach the worker by its SNAT port range anyway, and `orig`.
-    fn note(&mut self, frame: &[u8], orig: Option<FlowKey>, t: &Tables) {
+    fn note(&mut self, frame: &[u8], orig: Option<FlowKey>, t: &Tables, c: &mut DriverCounters) {
         let Ok(Parsed::Transport { key, .. }) = parse(frame) else {
             return;
         };
         let reply = key.reversed();
         let by_port = t.node.is_node_address(&reply.dst)
             && (self.snat.0..=self.snat.1).contains(&reply.dport);
-        if (by_port && orig.is_none()) || self.pending_flows_len >= BATCH_SIZE {
+        let mut reply_in_map = !by_port;
+        let mut orig = orig.map(|o| TupleKey::of(&o));
+        if reply_in_map && self.put(&TupleKey::of(&reply), c) {
+            reply_in_map = false;
+        }
+        if let Some(o) = orig {
+            if self.put(&o, c) {
+                orig = None;
+            }
+        }
+        if (!reply_in_map && orig.is_none()) || self.pending_flows_len >= BATCH_SIZE {
             return;
         }
+        // Both buckets full: the LRU map takes what the table could not.
         let tr = Tracked {
             reply,
-            reply_in_map: !by_port,
-            orig: orig.map(|o| TupleKey::of(&o)),
+            reply_in_map,
+            orig,
         };
         if tr.reply_in_map {
             self.pending[self.pending_len] = TupleKey::of(&reply);
@@ -417,6 +448,59 @@ impl ReplySteer {
         }
         self.pending_flows[self.pending_flows_len] = Some(tr);
         self.pending_flows_len += 1;
+    }
+
+    /// Writes `k` to the reply table; false if both its buckets are full.
+    fn put(&mut self, k: &TupleKey, c: &mut DriverCounters) -> bool {
+        match self.table.insert(k, self.owner) {
+            Inserted::New(r) => {
+                c.reply_table_inserts += 1;
+                self.inserted += 1;
+                if self.owned.len() < self.owned.capacity() {
+                    self.owned.push_back(r);
+                } else {
+                    // Cannot happen while the FIFO is as large as the table; if it did,
+                    // the slot would stay until conntrack let another flow take it.
+                    c.reply_shadow_full += 1;
+                }
+                true
+            }
+            Inserted::Existing(_) => true,
+            Inserted::Full => {
+                c.reply_table_full += 1;
+                false
+            }
+        }
+    }
+
+    /// Checks the oldest slots this worker filled: two per insert since the last sweep,
+    /// and 64 more once a millisecond, so that slots of ended flows are freed about as
+    /// fast as new flows come, and also when none come. A slot whose flow conntrack still
+    /// holds goes to the back of the line.
+    fn sweep_table(&mut self, worker: &Worker, now_ns: u64, c: &mut DriverCounters) {
+        let mut budget = 2 * self.inserted;
+        self.inserted = 0;
+        if now_ns.saturating_sub(self.last_idle_sweep_ns) >= 1_000_000 {
+            self.last_idle_sweep_ns = now_ns;
+            budget += SWEEP_BUDGET;
+        }
+        for _ in 0..budget.min(self.owned.len()).min(4 * SWEEP_BUDGET) {
+            let Some(r) = self.owned.pop_front() else {
+                break;
+            };
+            // Gone from under us (another worker took the tuple over): not ours to free.
+            let Some(k) = self.table.tuple_at(r, self.owner) else {
+                continue;
+            };
+            let live = k
+                .flow_key()
+                .is_some_and(|f| worker.conntrack.reply_tuple_in_use(&f, now_ns));
+            if live {
+                self.owned.push_back(r);
+            } else if self.table.remove(r) {
+                c.reply_tuples_removed += 1;
+            }
+        }
     }
 
     /// Writes the pending tuples in one system call.
@@ -445,6 +529,7 @@ impl ReplySteer {
 
     /// Removes the tuples of up to [`SWEEP_BUDGET`] flows conntrack no longer holds.
     fn sweep(&mut self, worker: &Worker, now_ns: u64, c: &mut DriverCounters) {
+        self.sweep_table(worker, now_ns, c);
         let mut dead = 0;
         for _ in 0..SWEEP_BUDGET.min(self.shadow.len()) {
             if self.cursor >= self.shadow.len() {
@@ -750,8 +835,20 @@ impl AfxdpWorker {
     /// Lets the worker keep reply tuples of untranslated flows (and, with several
     /// workers, original tuples) in the steering map, valued `owner` (its index). `snat`
     /// is the worker's masquerade port range (those replies are steered by range).
-    pub fn set_reply_map(&mut self, map: ReplyMap, snat: (u16, u16), capacity: usize, owner: u32) {
+    pub fn set_reply_map(
+        &mut self,
+        table: Arc<ReplyTable>,
+        map: ReplyMap,
+        snat: (u16, u16),
+        capacity: usize,
+        owner: u32,
+    ) {
         self.replies = Some(ReplySteer {
+            owned: VecDeque::with_capacity(table.slots()),
+            table,
+            inserted: 0,
+            last_idle_sweep_ns: 0,
+            owner,
             map,
             snat,
             pending: [TupleKey::default(); 2 * BATCH_SIZE],
@@ -1106,7 +1203,7 @@ impl AfxdpWorker {
                         }
                         if reason == ForwardReason::NewFlow {
                             if let Some(r) = replies.as_mut() {
-                                r.note(frame, batch_keys[j], t);
+                                r.note(frame, batch_keys[j], t, counters);
                             }
                         }
                         Out::Send { iface, len }

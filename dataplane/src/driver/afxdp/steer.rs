@@ -21,6 +21,9 @@ use std::ptr::NonNull;
 
 use libbpf_sys as bpf;
 
+use std::sync::Arc;
+
+use super::reply_table::{ReplyCfg, ReplyTable, CFG_OWNERS, WAYS};
 use crate::flow::FlowKey;
 use crate::pipeline::Tables;
 use crate::tables::FrontendKind;
@@ -152,6 +155,49 @@ pub struct TupleKey {
 }
 
 impl TupleKey {
+    /// The key's 40 bytes, as the program lays them out.
+    pub fn as_bytes(&self) -> [u8; 40] {
+        let mut b = [0u8; 40];
+        b[..16].copy_from_slice(&self.src);
+        b[16..32].copy_from_slice(&self.dst);
+        b[32..34].copy_from_slice(&self.sport_be);
+        b[34..36].copy_from_slice(&self.dport_be);
+        b[36] = self.proto;
+        b[37..].copy_from_slice(&self.pad);
+        b
+    }
+
+    /// The key [`TupleKey::as_bytes`] gave.
+    pub fn from_bytes(b: [u8; 40]) -> Self {
+        let mut k = Self::default();
+        k.src.copy_from_slice(&b[..16]);
+        k.dst.copy_from_slice(&b[16..32]);
+        k.sport_be.copy_from_slice(&b[32..34]);
+        k.dport_be.copy_from_slice(&b[34..36]);
+        k.proto = b[36];
+        k.pad.copy_from_slice(&b[37..]);
+        k
+    }
+
+    /// The flow key this tuple was made from (`None` for a protocol kxp does not track).
+    /// An IPv4-mapped address reads as IPv4, as [`TupleKey::of`] wrote it.
+    pub fn flow_key(&self) -> Option<FlowKey> {
+        let addr = |a: [u8; 16]| {
+            let v6 = core::net::Ipv6Addr::from(a);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        };
+        Some(FlowKey {
+            src: addr(self.src),
+            dst: addr(self.dst),
+            sport: u16::from_be_bytes(self.sport_be),
+            dport: u16::from_be_bytes(self.dport_be),
+            proto: crate::flow::L4Proto::from_ip_number(self.proto)?,
+        })
+    }
+
     pub fn of(k: &FlowKey) -> Self {
         Self {
             src: addr16(&k.src),
@@ -221,6 +267,8 @@ struct Maps {
     snat_owner: RawFd,
     queue_workers: RawFd,
     replies: RawFd,
+    reply_table: RawFd,
+    reply_cfg: RawFd,
     stats: RawFd,
 }
 
@@ -239,6 +287,10 @@ pub struct Steering {
     maps: Maps,
     attached: Vec<Attached>,
     installed: Desired,
+    /// The reply table, mapped (see [`ReplyTable`]; set by `load`); its configuration as
+    /// written.
+    reply_table: Option<Arc<ReplyTable>>,
+    reply_cfg: ReplyCfg,
 }
 
 fn last_err() -> io::Error {
@@ -277,20 +329,59 @@ fn delete(fd: RawFd, map: &'static str, key: &[u8]) -> Result<(), SteerError> {
 
 fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     // SAFETY: T is a plain-old-data `repr(C)` or integer type without padding that the
-    // kernel reads (every type passed here: u8, u32, PortRange, TupleKey); the slice
+    // kernel reads (every type passed here: u8, u32, PortRange, TupleKey, ReplyCfg); the slice
     // covers exactly its bytes and lives as long as the borrow.
     unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
+/// Buckets for a reply table that holds `tuples` tuples at most two thirds full: two
+/// choices of [`WAYS`]-slot buckets refuse about one tuple in 700 there (measured;
+/// those go to the LRU map), none below half full.
+pub fn reply_buckets_for(tuples: usize) -> u32 {
+    let slots = tuples.saturating_mul(3) / 2 + WAYS;
+    u32::try_from(slots.div_ceil(WAYS)).unwrap_or(u32::MAX)
+}
+
+/// A random seed for the reply table's hash, so that nobody outside can aim tuples at one
+/// bucket.
+fn random_seed() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: b is a writable 8-byte buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == 8 {
+        return u64::from_ne_bytes(b);
+    }
+    // No entropy source: the clock still differs between runs.
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0x6b78_7031, |d| d.as_nanos() as u64)
+}
+
 impl Steering {
-    /// Loads the embedded program into the kernel (verifier included). Nothing is attached.
-    pub fn load() -> Result<Self, SteerError> {
+    /// Loads the embedded program into the kernel (verifier included), with a reply table
+    /// of `reply_buckets` buckets ([`reply_buckets_for`]). Nothing is attached.
+    pub fn load(reply_buckets: u32) -> Result<Self, SteerError> {
+        let reply_buckets = reply_buckets.max(1);
         // SAFETY: OBJECT is a static ELF image that outlives the object; libbpf copies
         // what it keeps. Null options are allowed.
         let obj = unsafe {
             bpf::bpf_object__open_mem(OBJECT.as_ptr().cast(), OBJECT.len() as _, core::ptr::null())
         };
         let obj = NonNull::new(obj).ok_or_else(|| SteerError::Load("open", last_err()))?;
+        // SAFETY: valid opened (not yet loaded) object; NUL-terminated name.
+        let table =
+            unsafe { bpf::bpf_object__find_map_by_name(obj.as_ptr(), c"reply_table".as_ptr()) };
+        let rc = if table.is_null() {
+            -libc::ENOENT
+        } else {
+            // SAFETY: a map of the opened object, resized before the object is loaded.
+            unsafe { bpf::bpf_map__set_max_entries(table, reply_buckets) }
+        };
+        if rc < 0 {
+            // SAFETY: opened above, closed once here.
+            unsafe { bpf::bpf_object__close(obj.as_ptr()) };
+            return Err(SteerError::Map("reply_table", neg_err(rc)));
+        }
         let mut me = Self {
             obj,
             prog: NonNull::dangling(),
@@ -305,10 +396,14 @@ impl Steering {
                 snat_owner: -1,
                 queue_workers: -1,
                 replies: -1,
+                reply_table: -1,
+                reply_cfg: -1,
                 stats: -1,
             },
             attached: Vec::new(),
             installed: Desired::default(),
+            reply_table: None,
+            reply_cfg: ReplyCfg::default(),
         };
         // SAFETY: obj is a valid, opened object (closed by Drop on every path).
         let rc = unsafe { bpf::bpf_object__load(me.obj.as_ptr()) };
@@ -343,9 +438,49 @@ impl Steering {
             snat_owner: map(c"snat_owner")?,
             queue_workers: map(c"queue_workers")?,
             replies: map(c"replies")?,
+            reply_table: map(c"reply_table")?,
+            reply_cfg: map(c"reply_cfg")?,
             stats: map(c"stats")?,
         };
+        let seed = random_seed();
+        me.reply_table = Some(Arc::new(
+            ReplyTable::map(me.maps.reply_table, reply_buckets, seed)
+                .map_err(|e| SteerError::Map("reply_table", e))?,
+        ));
+        me.reply_cfg = ReplyCfg {
+            buckets: reply_buckets,
+            flags: 0,
+            seed,
+        };
+        update(
+            me.maps.reply_cfg,
+            "reply_cfg",
+            as_bytes(&0u32),
+            as_bytes(&me.reply_cfg),
+        )?;
         Ok(me)
+    }
+
+    /// The reply table, shared with the workers.
+    pub fn reply_table(&self) -> Arc<ReplyTable> {
+        Arc::clone(self.reply_table.as_ref().expect("mapped by load"))
+    }
+
+    /// Tells the program whether there are several workers, so that it looks up the
+    /// owner of every flow's original tuple (with one worker every frame is its own).
+    pub fn set_several_workers(&mut self, several: bool) -> Result<(), SteerError> {
+        let mut cfg = self.reply_cfg;
+        cfg.flags = if several { CFG_OWNERS } else { 0 };
+        if cfg != self.reply_cfg {
+            update(
+                self.maps.reply_cfg,
+                "reply_cfg",
+                as_bytes(&0u32),
+                as_bytes(&cfg),
+            )?;
+            self.reply_cfg = cfg;
+        }
+        Ok(())
     }
 
     /// Detaches kxp's program from `ifindex` if a previous run left it attached the legacy
@@ -772,6 +907,7 @@ impl ReplyMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::afxdp::reply_table::Inserted;
     use crate::flow::L4Proto;
     use crate::tables::{Frontend, FrontendKey, NodeTable, ServicePortId, ServiceTable};
     use std::sync::Arc;
@@ -789,7 +925,7 @@ mod tests {
             eprintln!("skipped: loading BPF programs needs root");
             return;
         }
-        let mut s = Steering::load().expect("load");
+        let mut s = Steering::load(64).expect("load");
         s.set_workers(&[(0, (61000, 63000)), (1, (63001, 65535))], (61000, 65535))
             .unwrap();
         assert_eq!(s.snat_port_owner(61000), Some(0));
@@ -816,6 +952,80 @@ mod tests {
         assert!(!map.contains(&keys[0]) && map.contains(&keys[1]));
         let stats = s.stats().unwrap();
         assert_eq!(stats.len(), STAT_NAMES.len());
+    }
+
+    /// Runs the program once on `frame` (`BPF_PROG_TEST_RUN`); its return code.
+    fn test_run(s: &Steering, frame: &[u8]) -> u32 {
+        let mut opts = bpf::bpf_test_run_opts {
+            sz: size_of::<bpf::bpf_test_run_opts>() as _,
+            data_in: frame.as_ptr().cast(),
+            data_size_in: frame.len() as u32,
+            repeat: 1,
+            ..Default::default()
+        };
+        // SAFETY: prog is the loaded program; opts points to a valid options struct whose
+        // data_in covers `frame`, and no output buffers are given.
+        let rc = unsafe {
+            bpf::bpf_prog_test_run_opts(bpf::bpf_program__fd(s.prog.as_ptr()), &mut opts)
+        };
+        assert_eq!(rc, 0, "test run: {}", neg_err(rc));
+        opts.retval
+    }
+
+    /// A reply of an unmasqueraded flow is kxp's exactly while its tuple is in the reply
+    /// table, which userspace writes through its mapping and the program reads with the
+    /// same hash (any disagreement and the reply would pass to the kernel).
+    #[test]
+    fn program_finds_tuples_userspace_wrote_to_the_reply_table() {
+        if !is_root() {
+            eprintln!("skipped: loading BPF programs needs root");
+            return;
+        }
+        let s = Steering::load(reply_buckets_for(4000)).expect("load");
+        let reply = FlowKey {
+            src: "10.244.1.3".parse().unwrap(),
+            dst: "10.244.2.7".parse().unwrap(),
+            sport: 8080,
+            dport: 40001,
+            proto: L4Proto::Udp,
+        };
+        let mut frame = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4([10, 244, 1, 3], [10, 244, 2, 7], 64)
+            .udp(8080, 40001)
+            .write(&mut frame, b"reply")
+            .unwrap();
+        let stat = |name: &str| {
+            let i = STAT_NAMES.iter().position(|n| *n == name).unwrap();
+            s.stats().unwrap()[i]
+        };
+        let (pass0, reply0) = (stat("pass"), stat("redirect_reply"));
+        // Not in the table: the kernel's.
+        assert_eq!(test_run(&s, &frame), 2, "XDP_PASS");
+        assert_eq!((stat("pass"), stat("redirect_reply")), (pass0 + 1, reply0));
+        // In the table (and a few thousand others): kxp's. No socket is bound in a test
+        // run, so the redirect falls back to XDP_PASS, but the program counted the reply.
+        let table = s.reply_table();
+        for n in 0..2000u16 {
+            let other = FlowKey { dport: n, ..reply };
+            assert!(matches!(
+                table.insert(&TupleKey::of(&other), 1),
+                Inserted::New(_)
+            ));
+        }
+        let Inserted::New(r) = table.insert(&TupleKey::of(&reply), 0) else {
+            panic!("inserted")
+        };
+        test_run(&s, &frame);
+        assert_eq!(stat("redirect_reply"), reply0 + 1);
+        assert_eq!(stat("pass_no_socket"), 1);
+        // Removed: the kernel's again.
+        assert!(table.remove(r));
+        test_run(&s, &frame);
+        assert_eq!(
+            (stat("pass"), stat("redirect_reply")),
+            (pass0 + 2, reply0 + 1)
+        );
     }
 
     #[test]
