@@ -404,6 +404,12 @@ const SWEEP_BUDGET: usize = 64;
 /// [`BATCH_SIZE`] frames per socket, so a few kicks keep up and eight bound the round.
 const MAX_TX_KICKS: u32 = 8;
 
+/// Frames a fill-ring top-up hands the kernel at most: more than a batch, so that a fill
+/// ring a stall left empty (the worker off the CPU while frames kept arriving) is back to
+/// depth within a round or two, not one batch per round while the kernel drops
+/// (`kernel_fill_ring_empty`).
+const REFILL_MAX: usize = 4 * BATCH_SIZE;
+
 /// The fewest frames a receive takes while a TX ring is backed up: one stuck interface
 /// (down, or a peer that does not drain) slows the others' intake, never stops it.
 const MIN_RX_TAKE: usize = BATCH_SIZE / 4;
@@ -990,11 +996,11 @@ impl AfxdpWorker {
         self.free.extend_from_slice(&self.descs[..n]);
     }
 
-    /// Tops up port `i`'s fill ring with up to a batch of free frames.
+    /// Tops up port `i`'s fill ring with up to [`REFILL_MAX`] free frames.
     fn refill(&mut self, i: usize) {
         let p = &mut self.ports[i];
-        let room = p.fill.nb_free(BATCH_SIZE as u32) as usize;
-        let n = room.min(BATCH_SIZE).min(self.free.len());
+        let room = p.fill.nb_free(REFILL_MAX as u32) as usize;
+        let n = room.min(REFILL_MAX).min(self.free.len());
         if n == 0 {
             return;
         }
