@@ -1057,6 +1057,10 @@ impl Runtime {
             ..WorkerConfig::default()
         };
         wc.conntrack.capacity = self.cfg.conntrack_capacity;
+        // The reply table follows conntrack through its removal log, drained after every
+        // batch and housekeeping pass: room for a batch's evictions plus a pass's GC and
+        // purge with plenty to spare.
+        wc.conntrack.removal_log = 4096;
         wc.conntrack.capacity_v6 = (self.cfg.conntrack_capacity / 4).max(1024);
         wc.conntrack.hash_seed = seed;
         wc.affinity_capacity = (self.cfg.conntrack_capacity / 4).max(1024);

@@ -197,6 +197,11 @@ pub struct ConntrackConfig {
     /// Seed of the tuple hash. Deterministic by default; a driver may pass a random seed
     /// so that remote peers cannot aim collisions at the indexes.
     pub hash_seed: u64,
+    /// Removed flows each family remembers until [`Conntrack::drain_removed`] (0: none).
+    /// A driver that mirrors flows elsewhere (the AF_XDP reply table) drains it after
+    /// every batch; removals beyond it are counted in
+    /// [`ConntrackStats::removal_log_overflow`] and not remembered.
+    pub removal_log: usize,
 }
 
 impl Default for ConntrackConfig {
@@ -207,6 +212,7 @@ impl Default for ConntrackConfig {
             timeouts: Timeouts::default(),
             eviction_scan: 16,
             hash_seed: 0x6b78_705f_6374_0001,
+            removal_log: 0,
         }
     }
 }
@@ -346,6 +352,8 @@ pub struct ConntrackStats {
     /// In-place index rebuilds. Always 0: the index never needs one (see "Index
     /// maintenance" in the module doc); kept for the counters' consumers.
     pub index_rebuilds: u64,
+    /// Removals the removal log had no room for (see [`ConntrackConfig::removal_log`]).
+    pub removal_log_overflow: u64,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -442,6 +450,17 @@ impl<A: Addr> Tuple<A> {
             sport: k.sport,
             dport: k.dport,
             proto: k.proto as u8,
+        })
+    }
+
+    /// The flow key again (`None` for a protocol number kxp does not track).
+    fn flow_key(&self) -> Option<FlowKey> {
+        Some(FlowKey {
+            src: self.src.to_ip(),
+            dst: self.dst.to_ip(),
+            sport: self.sport,
+            dport: self.dport,
+            proto: L4Proto::from_ip_number(self.proto)?,
         })
     }
 
@@ -970,10 +989,14 @@ struct Table<A> {
     /// [`FlowId`] tag of this family.
     id_bit: u32,
     seed: u64,
+    /// (original, reply) tuples of removed flows, up to its capacity (fixed at
+    /// construction), until drained.
+    removed: Vec<(Tuple<A>, Tuple<A>)>,
+    removal_overflow: u64,
 }
 
 impl<A: Addr> Table<A> {
-    fn new(capacity: usize, id_bit: u32, seed: u64) -> Self {
+    fn new(capacity: usize, id_bit: u32, seed: u64, removal_log: usize) -> Self {
         let capacity = capacity.min(MAX_CAPACITY);
         let mut slab = Vec::with_capacity(capacity);
         for i in 0..capacity {
@@ -991,6 +1014,8 @@ impl<A: Addr> Table<A> {
             evict_hand: 0,
             id_bit,
             seed,
+            removed: Vec::with_capacity(removal_log),
+            removal_overflow: 0,
         }
     }
 
@@ -1152,6 +1177,13 @@ impl<A: Addr> Table<A> {
         self.index.remove(e.orig_tuple().hash(self.seed), slot);
         self.index
             .remove(e.reply_tuple().hash(self.seed), slot | REPLY_BIT);
+        if self.removed.capacity() > 0 {
+            if self.removed.len() < self.removed.capacity() {
+                self.removed.push((e.orig_tuple(), e.reply_tuple()));
+            } else {
+                self.removal_overflow += 1;
+            }
+        }
         if let Some(e) = self.slab.get_mut(slot as usize) {
             *e = Entry::free(self.free_head);
             self.free_head = slot;
@@ -1390,8 +1422,8 @@ impl Conntrack {
     /// makes.
     pub fn new(cfg: ConntrackConfig) -> Self {
         Self {
-            v4: Table::new(cfg.capacity, 0, cfg.hash_seed),
-            v6: Table::new(cfg.capacity_v6, V6_ID_BIT, cfg.hash_seed),
+            v4: Table::new(cfg.capacity, 0, cfg.hash_seed, cfg.removal_log),
+            v6: Table::new(cfg.capacity_v6, V6_ID_BIT, cfg.hash_seed, cfg.removal_log),
             cfg,
             epoch_ns: None,
             gc_cursor: 0,
@@ -1402,6 +1434,22 @@ impl Conntrack {
     /// The configuration the table was built with.
     pub fn config(&self) -> &ConntrackConfig {
         &self.cfg
+    }
+
+    /// Hands `f` the (original, reply) tuples of every flow removed since the last call
+    /// (expired, evicted, purged or removed), oldest first, and forgets them. Nothing is
+    /// remembered unless [`ConntrackConfig::removal_log`] is set.
+    pub fn drain_removed(&mut self, mut f: impl FnMut(&FlowKey, &FlowKey)) {
+        fn each<A: Addr>(t: &mut Table<A>, f: &mut impl FnMut(&FlowKey, &FlowKey)) {
+            for (o, r) in t.removed.drain(..) {
+                if let (Some(o), Some(r)) = (o.flow_key(), r.flow_key()) {
+                    f(&o, &r);
+                }
+            }
+        }
+        each(&mut self.v4, &mut f);
+        each(&mut self.v6, &mut f);
+        self.stats.removal_log_overflow = self.v4.removal_overflow + self.v6.removal_overflow;
     }
 
     /// `now_ns` as whole seconds of the table's clock, starting the clock if needed.
@@ -2318,6 +2366,62 @@ mod tests {
                 .count(),
             32
         );
+    }
+
+    /// Every way a flow leaves (eviction, GC expiry, lazy expiry, purge) is logged once
+    /// with both tuples, oldest first, in both families; a full log counts the rest; an
+    /// unset log remembers nothing.
+    #[test]
+    fn removal_log_reports_every_removed_flow_once() {
+        let c = ConntrackConfig {
+            capacity: 4,
+            capacity_v6: 4,
+            eviction_scan: 4,
+            removal_log: 3,
+            ..ConntrackConfig::default()
+        };
+        let mut ct = Conntrack::new(c);
+        let n = nat("10.1.0.5", 53, None);
+        let u = |p| key("10.0.0.1", p, "10.96.0.10", 53, UDP);
+        for p in 0..4 {
+            ct.insert(&u(p), n, 0, at(0)).unwrap();
+        }
+        // Full: the fifth evicts the first unreplied flow (u(0)).
+        ct.insert(&u(4), n, 0, at(1)).unwrap();
+        let mut seen = Vec::new();
+        ct.drain_removed(|o, r| seen.push((*o, *r)));
+        assert_eq!(seen, vec![(u(0), reply_of(&u(0), &n))]);
+        ct.drain_removed(|_, _| panic!("drained already"));
+        // An IPv6 flow purged, then everything expired by GC (in slot order: u(4) took
+        // u(0)'s slot). Each family's log holds 3.
+        let n6 = nat("fd00::5", 53, None);
+        let v6 = key("fd00::1", 9, "fd00:96::a", 53, UDP);
+        ct.insert(&v6, n6, 0, at(1)).unwrap();
+        assert_eq!(ct.purge(|m| m.orig.src.is_ipv4()), 1);
+        let late = at(1000);
+        ct.gc(late, 1000);
+        let mut seen = Vec::new();
+        ct.drain_removed(|o, _| seen.push(*o));
+        assert_eq!(seen, vec![u(4), u(1), u(2), v6], "IPv4 first, then IPv6");
+        // u(3) did not fit.
+        assert_eq!(ct.stats().removal_log_overflow, 1);
+        assert!(ct.is_empty());
+        // Lazily expired by a lookup.
+        ct.insert(&u(7), n, 0, late).unwrap();
+        assert!(ct.lookup(&u(7), late + at(1000)).is_none());
+        let mut seen = Vec::new();
+        ct.drain_removed(|o, _| seen.push(*o));
+        assert_eq!(seen, vec![u(7)]);
+        // No log: nothing remembered.
+        let mut ct = Conntrack::new(ConntrackConfig {
+            capacity: 4,
+            capacity_v6: 0,
+            ..ConntrackConfig::default()
+        });
+        ct.insert(&u(1), n, 0, at(0)).unwrap();
+        ct.gc(at(1000), 100);
+        ct.drain_removed(|_, _| panic!("no log"));
+        assert_eq!(ct.stats().removal_log_overflow, 0);
     }
 
     #[test]

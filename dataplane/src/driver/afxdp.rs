@@ -98,8 +98,7 @@ use crate::verdict::{ForwardReason, Verdict};
 use crate::wire::{ipv4, ipv6, proto};
 
 use handoff::{HandoffEnds, HandoffRx, HandoffTx};
-use reply_table::{Inserted, ReplyTable, SlotRef};
-use std::collections::VecDeque;
+use reply_table::{Inserted, ReplyTable};
 use std::sync::Arc;
 use steer::{ReplyMap, TupleKey, META_LEN, META_MAGIC, NO_OWNER};
 
@@ -255,6 +254,9 @@ pub struct DriverCounters {
     pub reply_table_inserts: u64,
     /// Tuples that found both their reply-table buckets full and went to the LRU map.
     pub reply_table_full: u64,
+    /// Reply-table slots the safety sweep freed (their flow's removal was not logged:
+    /// conntrack's removal log overflowed). Normally 0.
+    pub reply_table_swept: u64,
     /// The kernel's own counts for this worker's sockets (`XDP_STATISTICS`, summed):
     /// frames dropped for want of RX ring or fill ring space, invalid descriptors.
     pub kernel_rx_dropped: u64,
@@ -288,7 +290,7 @@ impl DriverCounters {
         }
     }
 
-    fn fields_mut(&mut self) -> [(&'static str, &mut u64); 36] {
+    fn fields_mut(&mut self) -> [(&'static str, &mut u64); 37] {
         [
             ("rx_frames", &mut self.rx_frames),
             ("tx_frames", &mut self.tx_frames),
@@ -313,6 +315,7 @@ impl DriverCounters {
             ("reply_shadow_full", &mut self.reply_shadow_full),
             ("reply_table_inserts", &mut self.reply_table_inserts),
             ("reply_table_full", &mut self.reply_table_full),
+            ("reply_table_swept", &mut self.reply_table_swept),
             ("kernel_rx_dropped", &mut self.kernel_rx_dropped),
             ("kernel_rx_ring_full", &mut self.kernel_rx_ring_full),
             ("kernel_fill_ring_empty", &mut self.kernel_fill_ring_empty),
@@ -376,12 +379,14 @@ struct Tracked {
 #[derive(Debug)]
 struct ReplySteer {
     table: Arc<ReplyTable>,
-    /// Slots this worker filled, oldest first; checked against conntrack as new ones come.
-    owned: VecDeque<SlotRef>,
-    /// Table inserts since the last sweep (each pays for checking two old slots).
-    inserted: usize,
-    /// When the last sweep that checked slots regardless of inserts ran.
-    last_idle_sweep_ns: u64,
+    /// Tuples written to the table during the current batch: a flow conntrack removed
+    /// earlier in the same batch may have come back under the same tuple.
+    batch_put: [TupleKey; 2 * BATCH_SIZE],
+    batch_put_len: usize,
+    /// Where the safety sweep of the whole table goes on.
+    walk: u32,
+    /// When the last safety sweep ran.
+    last_walk_ns: u64,
     owner: u32,
     map: ReplyMap,
     snat: (u16, u16),
@@ -419,8 +424,14 @@ impl ReplySteer {
     /// original tuple was `orig` (given only when there are several workers): its reply
     /// tuple unless replies reach the worker by its SNAT port range anyway, and `orig`.
     fn note(&mut self, frame: &[u8], orig: Option<FlowKey>, t: &Tables, c: &mut DriverCounters) {
-        let Ok(Parsed::Transport { key, .. }) = parse(frame) else {
-            return;
+        // The pipeline just wrote this frame: the fixed-offset read is enough unless
+        // extension headers sit in front of the transport header.
+        let key = match peek_key(frame) {
+            Some(k) => k,
+            None => match parse(frame) {
+                Ok(Parsed::Transport { key, .. }) => key,
+                _ => return,
+            },
         };
         let reply = key.reversed();
         let by_port = t.node.is_node_address(&reply.dst)
@@ -459,19 +470,14 @@ impl ReplySteer {
     /// Writes `k` to the reply table; false if both its buckets are full.
     fn put(&mut self, k: &TupleKey, c: &mut DriverCounters) -> bool {
         match self.table.insert(k, self.owner) {
-            Inserted::New(r) => {
+            Inserted::New(_) | Inserted::Existing(_) => {
                 c.reply_table_inserts += 1;
-                self.inserted += 1;
-                if self.owned.len() < self.owned.capacity() {
-                    self.owned.push_back(r);
-                } else {
-                    // Cannot happen while the FIFO is as large as the table; if it did,
-                    // the slot would stay until conntrack let another flow take it.
-                    c.reply_shadow_full += 1;
+                if self.batch_put_len < self.batch_put.len() {
+                    self.batch_put[self.batch_put_len] = *k;
+                    self.batch_put_len += 1;
                 }
                 true
             }
-            Inserted::Existing(_) => true,
             Inserted::Full => {
                 c.reply_table_full += 1;
                 false
@@ -479,32 +485,83 @@ impl ReplySteer {
         }
     }
 
-    /// Checks the oldest slots this worker filled: two per insert since the last sweep,
-    /// and 64 more once a millisecond, so that slots of ended flows are freed about as
-    /// fast as new flows come, and also when none come. A slot whose flow conntrack still
-    /// holds goes to the back of the line.
-    fn sweep_table(&mut self, worker: &Worker, now_ns: u64, c: &mut DriverCounters) {
-        let mut budget = 2 * self.inserted;
-        self.inserted = 0;
-        if now_ns.saturating_sub(self.last_idle_sweep_ns) >= 1_000_000 {
-            self.last_idle_sweep_ns = now_ns;
-            budget += SWEEP_BUDGET;
+    /// Frees the table slots of the flows conntrack removed since the last call (evicted,
+    /// expired, purged: its removal log), so the table holds what conntrack holds. A
+    /// tuple written during this batch is freed only if no live flow holds it: the flow
+    /// may have been removed and then begun again within the batch.
+    fn forget_removed(
+        &mut self,
+        worker: &mut Worker,
+        t: &Tables,
+        now_ns: u64,
+        c: &mut DriverCounters,
+    ) {
+        let Self {
+            table,
+            batch_put,
+            batch_put_len,
+            snat,
+            owner,
+            ..
+        } = self;
+        let put = &batch_put[..*batch_put_len];
+        let mut again = [None::<TupleKey>; 2 * BATCH_SIZE];
+        let mut again_len = 0;
+        worker.conntrack.drain_removed(|orig, reply| {
+            let by_port =
+                t.node.is_node_address(&reply.dst) && (snat.0..=snat.1).contains(&reply.dport);
+            for k in [
+                (!by_port).then(|| TupleKey::of(reply)),
+                Some(TupleKey::of(orig)),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if put.contains(&k) {
+                    if again_len < again.len() {
+                        again[again_len] = Some(k);
+                        again_len += 1;
+                    }
+                } else if table.remove_key(&k, *owner) {
+                    c.reply_tuples_removed += 1;
+                }
+            }
+        });
+        for k in again[..again_len].iter().flatten() {
+            let live = k
+                .flow_key()
+                .is_some_and(|f| worker.conntrack.reply_tuple_in_use(&f, now_ns));
+            if !live && table.remove_key(k, *owner) {
+                c.reply_tuples_removed += 1;
+            }
         }
-        for _ in 0..budget.min(self.owned.len()).min(4 * SWEEP_BUDGET) {
-            let Some(r) = self.owned.pop_front() else {
-                break;
+        *batch_put_len = 0;
+    }
+
+    /// The safety net behind the removal log (should it ever overflow): walks the whole
+    /// table, 64 slots a millisecond, and frees this worker's slots whose flow conntrack no
+    /// longer holds.
+    fn sweep_table(&mut self, worker: &Worker, now_ns: u64, c: &mut DriverCounters) {
+        if now_ns.saturating_sub(self.last_walk_ns) < 1_000_000 {
+            return;
+        }
+        self.last_walk_ns = now_ns;
+        let slots = self.table.slots() as u32;
+        for _ in 0..SWEEP_BUDGET {
+            self.walk = if self.walk + 1 >= slots {
+                0
+            } else {
+                self.walk + 1
             };
-            // Gone from under us (another worker took the tuple over): not ours to free.
-            let Some(k) = self.table.tuple_at(r, self.owner) else {
+            let Some((r, k)) = self.table.owned_at(self.walk, self.owner) else {
                 continue;
             };
             let live = k
                 .flow_key()
                 .is_some_and(|f| worker.conntrack.reply_tuple_in_use(&f, now_ns));
-            if live {
-                self.owned.push_back(r);
-            } else if self.table.remove(r) {
+            if !live && self.table.remove(r) {
                 c.reply_tuples_removed += 1;
+                c.reply_table_swept += 1;
             }
         }
     }
@@ -850,10 +907,11 @@ impl AfxdpWorker {
         owner: u32,
     ) {
         self.replies = Some(ReplySteer {
-            owned: VecDeque::with_capacity(table.slots()),
             table,
-            inserted: 0,
-            last_idle_sweep_ns: 0,
+            batch_put: [TupleKey::default(); 2 * BATCH_SIZE],
+            batch_put_len: 0,
+            walk: 0,
+            last_walk_ns: 0,
             owner,
             map,
             snat,
@@ -916,6 +974,7 @@ impl AfxdpWorker {
                     revalidating = worker.revalidate_step(tables.tables());
                 }
                 if let Some(r) = &mut self.replies {
+                    r.forget_removed(worker, tables.tables(), now_ns, &mut self.counters);
                     r.sweep(worker, now_ns, &mut self.counters);
                 }
                 self.apply_port_changes();
@@ -1231,6 +1290,9 @@ impl AfxdpWorker {
                 };
             },
         );
+        if let Some(r) = replies.as_mut() {
+            r.forget_removed(worker, t, now_ns, counters);
+        }
         for (j, d) in batch[..k].iter_mut().enumerate() {
             let egress = match outs[j] {
                 Out::Free => None,

@@ -334,6 +334,41 @@ impl ReplyTable {
         self.rewrite(r.slot, r.state, |_| TAG_FREE).is_some()
     }
 
+    /// Frees the slot holding `k` if `owner` owns it. Whether it did.
+    pub fn remove_key(&self, k: &TupleKey, owner: u32) -> bool {
+        let w = words(k);
+        for b in self.homes(k) {
+            for (j, slot) in self.bucket(b).slots.iter().enumerate() {
+                let s = slot.state.load(Ordering::Acquire);
+                if s & TAG_MASK != TAG_VALID
+                    || !Self::holds(slot, &w)
+                    || slot.owner.load(Ordering::Relaxed) != owner
+                {
+                    continue;
+                }
+                let r = SlotRef {
+                    slot: b * WAYS as u32 + j as u32,
+                    state: s,
+                };
+                // The state is checked again by the claim: a slot rewritten since it was
+                // read (another owner took it over) is left alone.
+                return self.remove(r);
+            }
+        }
+        false
+    }
+
+    /// The valid slot at index `slot` (`0..slots()`), as a reference, with its tuple, if
+    /// `owner` owns it: what a sweep walking the whole table looks at.
+    pub fn owned_at(&self, slot: u32, owner: u32) -> Option<(SlotRef, TupleKey)> {
+        let state = self.slot(slot).state.load(Ordering::Acquire);
+        if state & TAG_MASK != TAG_VALID {
+            return None;
+        }
+        let r = SlotRef { slot, state };
+        self.tuple_at(r, owner).map(|k| (r, k))
+    }
+
     /// The owner of `k`, read the way the steering program reads it.
     pub fn owner_of(&self, k: &TupleKey) -> Option<u32> {
         let w = words(k);
@@ -419,6 +454,14 @@ mod tests {
         assert_eq!(t.owner_of(&k), None);
         assert!(t.is_empty());
         assert!(!t.remove(r1), "removed once");
+        // By key: only the owner's.
+        t.insert(&k, 1);
+        assert!(!t.remove_key(&k, 0));
+        assert_eq!(t.owned_at(r1.slot, 0), None);
+        assert_eq!(t.owned_at(r1.slot, 1).map(|(_, k)| k), Some(k));
+        assert!(t.remove_key(&k, 1));
+        assert!(!t.remove_key(&k, 1));
+        assert_eq!(t.owned_at(r1.slot, 1), None);
         // The freed slot is reused with a new generation.
         let Inserted::New(r2) = t.insert(&key(2, 0), 0) else {
             panic!()
