@@ -39,15 +39,18 @@
 // STAT_OTHER_OWNER counts frames steered to a queue whose worker (`queue_workers`) is not
 // their owner, i.e. frames that userspace must hand over.
 //
-// Reply table. An array map of buckets (BPF_F_MMAPABLE), each REPLY_WAYS slots of
-// (state, owner, tuple), that userspace maps and writes with atomic operations; this
-// program only reads it. A tuple lives in one of two buckets picked by a seeded hash
-// (tuple_hash, mirrored in reply_table.rs; seed and bucket count in `reply_cfg`). A
-// slot's state is generation << 2 | tag, tag 0 free, 1 being written, 2 valid; writers
-// claim a slot by compare-and-swap to tag 1, write, then publish tag 2 with the next
-// generation. A reader takes a slot only if its state is valid and reads the same before
-// and after the tuple and owner (x86 keeps loads in order; the compiler is held by
-// volatile reads), so a slot rewritten under it is never mistaken for a match.
+// Reply table. An array map of buckets (BPF_F_MMAPABLE) that userspace maps and writes
+// with atomic operations; this program only reads it. A bucket is REPLY_WAYS slots: its
+// first cache line holds every slot's state and a 32-bit fingerprint of its tuple, the
+// rest the slots' owners and tuples, so a lookup reads one line per bucket and a tuple
+// only when its fingerprint matches. A tuple lives in one of two buckets picked by a
+// seeded hash (tuple_hash, mirrored in reply_table.rs, as are the fingerprint and the
+// bucket choice; seed and bucket count in `reply_cfg`). A slot's state is
+// generation << 2 | tag, tag 0 free, 1 being written, 2 valid; writers claim a slot by
+// compare-and-swap to tag 1, write, then publish tag 2 with the next generation. A reader
+// takes a slot only if its state is valid and reads the same before and after the tuple
+// and owner (x86 keeps loads in order; the compiler is held by volatile reads), so a slot
+// rewritten under it is never mistaken for a match.
 //
 // Self-contained (no system headers) so that any clang with the BPF target builds it.
 // Compiled by dataplane/build.rs; loaded, filled and attached by
@@ -243,17 +246,20 @@ struct {
 } replies SEC(".maps");
 
 // Reply table (see above). Sized by userspace before the program is loaded.
-#define REPLY_WAYS 4
+#define REPLY_WAYS 8
 #define SLOT_FREE 0
 #define SLOT_BUSY 1
 #define SLOT_VALID 2
 struct reply_slot {
-	__u32 state;
 	__u32 owner;
+	__u32 pad;
 	struct tuple_key key;
 };
 
+// 448 bytes: one line of states and fingerprints, six of slots.
 struct reply_bucket {
+	__u32 state[REPLY_WAYS];
+	__u32 fp[REPLY_WAYS];
 	struct reply_slot slot[REPLY_WAYS];
 };
 
@@ -362,23 +368,30 @@ static __always_inline int same_tuple(const struct tuple_key *a, const struct tu
 	return d == 0;
 }
 
-// The owner of `t` in one bucket of the reply table, or KXP_NO_OWNER.
-static __always_inline __u32 bucket_owner(__u32 b, const struct tuple_key *t)
+// The owner of `t` (fingerprint `fp`) in one bucket of the reply table, or KXP_NO_OWNER.
+static __always_inline __u32 bucket_owner(__u32 b, __u32 fp, const struct tuple_key *t)
 {
 	struct reply_bucket *bk = bpf_map_lookup_elem(&reply_table, &b);
 	if (!bk)
 		return KXP_NO_OWNER;
 #pragma unroll
 	for (int j = 0; j < REPLY_WAYS; j++) {
-		struct reply_slot *s = &bk->slot[j];
-		__u32 s1 = READ_ONCE_U32(s->state);
-		if ((s1 & 3) != SLOT_VALID || !same_tuple(&s->key, t))
+		__u32 s1 = READ_ONCE_U32(bk->state[j]);
+		if ((s1 & 3) != SLOT_VALID || READ_ONCE_U32(bk->fp[j]) != fp)
 			continue;
-		__u32 o = READ_ONCE_U32(s->owner);
-		if (READ_ONCE_U32(s->state) == s1)
+		if (!same_tuple(&bk->slot[j].key, t))
+			continue;
+		__u32 o = READ_ONCE_U32(bk->slot[j].owner);
+		if (READ_ONCE_U32(bk->state[j]) == s1)
 			return o;
 	}
 	return KXP_NO_OWNER;
+}
+
+// The fingerprint of a tuple hash: bits the bucket choice does not use up.
+static __always_inline __u32 fingerprint(__u64 h)
+{
+	return (__u32)(((h ^ (h >> 23)) * 0x2545f4914f6cdd1dULL) >> 32);
 }
 
 // Picks bucket `i` (0 or 1) of a hash: the high and the low 32 bits scaled to the
@@ -397,9 +410,10 @@ static __always_inline int flow_owner(const struct tuple_key *t, __u32 *who)
 	struct reply_cfg *c = bpf_map_lookup_elem(&reply_cfg, &zero);
 	if (c && c->buckets) {
 		__u64 h = tuple_hash(t, c->seed);
-		__u32 o = bucket_owner(bucket_of(h, 0, c->buckets), t);
+		__u32 fp = fingerprint(h);
+		__u32 o = bucket_owner(bucket_of(h, 0, c->buckets), fp, t);
 		if (o == KXP_NO_OWNER)
-			o = bucket_owner(bucket_of(h, 1, c->buckets), t);
+			o = bucket_owner(bucket_of(h, 1, c->buckets), fp, t);
 		if (o != KXP_NO_OWNER) {
 			*who = o;
 			return 1;

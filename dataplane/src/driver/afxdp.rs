@@ -359,6 +359,31 @@ struct Port {
     staged_len: usize,
 }
 
+/// A new flow's tuples for the reply table: its reply tuple (unless replies are steered
+/// by SNAT port) and, with several workers, its original tuple.
+#[derive(Debug, Clone, Copy)]
+struct NewFlow {
+    reply: FlowKey,
+    reply_key: Option<TupleKey>,
+    orig: Option<TupleKey>,
+}
+
+impl Default for NewFlow {
+    fn default() -> Self {
+        Self {
+            reply: FlowKey {
+                src: core::net::IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED),
+                dst: core::net::IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED),
+                sport: 0,
+                dport: 0,
+                proto: crate::flow::L4Proto::Udp,
+            },
+            reply_key: None,
+            orig: None,
+        }
+    }
+}
+
 /// A flow whose tuples this worker put in the steering map.
 #[derive(Debug, Clone, Copy)]
 struct Tracked {
@@ -379,10 +404,11 @@ struct Tracked {
 #[derive(Debug)]
 struct ReplySteer {
     table: Arc<ReplyTable>,
-    /// Tuples written to the table during the current batch: a flow conntrack removed
-    /// earlier in the same batch may have come back under the same tuple.
-    batch_put: [TupleKey; 2 * BATCH_SIZE],
-    batch_put_len: usize,
+    /// The batch's new flows, written to the table after the batch.
+    new_flows: [NewFlow; BATCH_SIZE],
+    new_len: usize,
+    /// Tuples of removed flows, freed in groups (buckets prefetched first).
+    gone: [TupleKey; BATCH_SIZE],
     /// Where the safety sweep of the whole table goes on.
     walk: u32,
     /// When the last safety sweep ran.
@@ -423,7 +449,8 @@ impl ReplySteer {
     /// Notes the tuples of a new flow whose first frame (rewritten) is `frame` and whose
     /// original tuple was `orig` (given only when there are several workers): its reply
     /// tuple unless replies reach the worker by its SNAT port range anyway, and `orig`.
-    fn note(&mut self, frame: &[u8], orig: Option<FlowKey>, t: &Tables, c: &mut DriverCounters) {
+    /// They are written by [`ReplySteer::commit`] after the batch, before any TX.
+    fn note(&mut self, frame: &[u8], orig: Option<FlowKey>, t: &Tables) {
         // The pipeline just wrote this frame: the fixed-offset read is enough unless
         // extension headers sit in front of the transport header.
         let key = match peek_key(frame) {
@@ -436,35 +463,102 @@ impl ReplySteer {
         let reply = key.reversed();
         let by_port = t.node.is_node_address(&reply.dst)
             && (self.snat.0..=self.snat.1).contains(&reply.dport);
-        let mut reply_in_map = !by_port;
-        let mut orig = orig.map(|o| TupleKey::of(&o));
-        if reply_in_map && self.put(&TupleKey::of(&reply), c) {
-            reply_in_map = false;
+        let flow = NewFlow {
+            reply,
+            reply_key: (!by_port).then(|| TupleKey::of(&reply)),
+            orig: orig.map(|o| TupleKey::of(&o)),
+        };
+        if (flow.reply_key.is_some() || flow.orig.is_some()) && self.new_len < BATCH_SIZE {
+            self.new_flows[self.new_len] = flow;
+            self.new_len += 1;
         }
-        if let Some(o) = orig {
-            if self.put(&o, c) {
-                orig = None;
+    }
+
+    /// After a batch: frees the table slots of the flows conntrack removed (its removal
+    /// log), then writes the batch's new tuples, each group's buckets prefetched first so
+    /// that their cache misses overlap. A tuple that finds both its buckets full goes to
+    /// the LRU map (queued for [`ReplySteer::flush`], before TX). A tuple both removed and
+    /// written in this batch (a flow that ended and began again) stays only if conntrack
+    /// holds it.
+    fn commit(&mut self, worker: &mut Worker, t: &Tables, now_ns: u64, c: &mut DriverCounters) {
+        let Self {
+            table,
+            snat,
+            owner,
+            new_flows,
+            new_len,
+            gone,
+            ..
+        } = self;
+        let flows = &new_flows[..*new_len];
+        let is_new = |k: &TupleKey| {
+            flows
+                .iter()
+                .any(|f| f.reply_key == Some(*k) || f.orig == Some(*k))
+        };
+        let mut again = [TupleKey::default(); 2 * BATCH_SIZE];
+        let mut again_len = 0;
+        let mut gone_len = 0;
+        let flush_gone = |gone: &[TupleKey], c: &mut DriverCounters| {
+            for k in gone.iter() {
+                table.prefetch(k);
+            }
+            for k in gone.iter() {
+                if table.remove_key(k, *owner) {
+                    c.reply_tuples_removed += 1;
+                }
+            }
+        };
+        worker.conntrack.drain_removed(|orig, reply| {
+            let by_port =
+                t.node.is_node_address(&reply.dst) && (snat.0..=snat.1).contains(&reply.dport);
+            let keys = [
+                (!by_port).then(|| TupleKey::of(reply)),
+                Some(TupleKey::of(orig)),
+            ];
+            for k in keys.into_iter().flatten() {
+                if is_new(&k) {
+                    if again_len < again.len() {
+                        again[again_len] = k;
+                        again_len += 1;
+                    }
+                    continue;
+                }
+                gone[gone_len] = k;
+                gone_len += 1;
+                if gone_len == gone.len() {
+                    flush_gone(&gone[..], c);
+                    gone_len = 0;
+                }
+            }
+        });
+        flush_gone(&gone[..gone_len], c);
+        for f in flows {
+            for k in [f.reply_key, f.orig].iter().flatten() {
+                table.prefetch(k);
             }
         }
-        if (!reply_in_map && orig.is_none()) || self.pending_flows_len >= BATCH_SIZE {
-            return;
+        for i in 0..*new_len {
+            let f = self.new_flows[i];
+            let reply_left = f.reply_key.filter(|k| !self.put(k, c));
+            let orig_left = f.orig.filter(|k| !self.put(k, c));
+            if reply_left.is_some() || orig_left.is_some() {
+                self.queue_for_lru(Tracked {
+                    reply: f.reply,
+                    reply_in_map: reply_left.is_some(),
+                    orig: orig_left,
+                });
+            }
         }
-        // Both buckets full: the LRU map takes what the table could not.
-        let tr = Tracked {
-            reply,
-            reply_in_map,
-            orig,
-        };
-        if tr.reply_in_map {
-            self.pending[self.pending_len] = TupleKey::of(&reply);
-            self.pending_len += 1;
+        self.new_len = 0;
+        for k in &again[..again_len] {
+            let live = k
+                .flow_key()
+                .is_some_and(|f| worker.conntrack.reply_tuple_in_use(&f, now_ns));
+            if !live && self.table.remove_key(k, self.owner) {
+                c.reply_tuples_removed += 1;
+            }
         }
-        if let Some(o) = tr.orig {
-            self.pending[self.pending_len] = o;
-            self.pending_len += 1;
-        }
-        self.pending_flows[self.pending_flows_len] = Some(tr);
-        self.pending_flows_len += 1;
     }
 
     /// Writes `k` to the reply table; false if both its buckets are full.
@@ -472,10 +566,6 @@ impl ReplySteer {
         match self.table.insert(k, self.owner) {
             Inserted::New(_) | Inserted::Existing(_) => {
                 c.reply_table_inserts += 1;
-                if self.batch_put_len < self.batch_put.len() {
-                    self.batch_put[self.batch_put_len] = *k;
-                    self.batch_put_len += 1;
-                }
                 true
             }
             Inserted::Full => {
@@ -485,57 +575,21 @@ impl ReplySteer {
         }
     }
 
-    /// Frees the table slots of the flows conntrack removed since the last call (evicted,
-    /// expired, purged: its removal log), so the table holds what conntrack holds. A
-    /// tuple written during this batch is freed only if no live flow holds it: the flow
-    /// may have been removed and then begun again within the batch.
-    fn forget_removed(
-        &mut self,
-        worker: &mut Worker,
-        t: &Tables,
-        now_ns: u64,
-        c: &mut DriverCounters,
-    ) {
-        let Self {
-            table,
-            batch_put,
-            batch_put_len,
-            snat,
-            owner,
-            ..
-        } = self;
-        let put = &batch_put[..*batch_put_len];
-        let mut again = [None::<TupleKey>; 2 * BATCH_SIZE];
-        let mut again_len = 0;
-        worker.conntrack.drain_removed(|orig, reply| {
-            let by_port =
-                t.node.is_node_address(&reply.dst) && (snat.0..=snat.1).contains(&reply.dport);
-            for k in [
-                (!by_port).then(|| TupleKey::of(reply)),
-                Some(TupleKey::of(orig)),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                if put.contains(&k) {
-                    if again_len < again.len() {
-                        again[again_len] = Some(k);
-                        again_len += 1;
-                    }
-                } else if table.remove_key(&k, *owner) {
-                    c.reply_tuples_removed += 1;
-                }
-            }
-        });
-        for k in again[..again_len].iter().flatten() {
-            let live = k
-                .flow_key()
-                .is_some_and(|f| worker.conntrack.reply_tuple_in_use(&f, now_ns));
-            if !live && table.remove_key(k, *owner) {
-                c.reply_tuples_removed += 1;
-            }
+    /// Queues a flow's tuples the table had no room for, for the LRU map.
+    fn queue_for_lru(&mut self, tr: Tracked) {
+        if self.pending_flows_len >= BATCH_SIZE {
+            return;
         }
-        *batch_put_len = 0;
+        if tr.reply_in_map {
+            self.pending[self.pending_len] = TupleKey::of(&tr.reply);
+            self.pending_len += 1;
+        }
+        if let Some(o) = tr.orig {
+            self.pending[self.pending_len] = o;
+            self.pending_len += 1;
+        }
+        self.pending_flows[self.pending_flows_len] = Some(tr);
+        self.pending_flows_len += 1;
     }
 
     /// The safety net behind the removal log (should it ever overflow): walks the whole
@@ -908,8 +962,9 @@ impl AfxdpWorker {
     ) {
         self.replies = Some(ReplySteer {
             table,
-            batch_put: [TupleKey::default(); 2 * BATCH_SIZE],
-            batch_put_len: 0,
+            new_flows: [NewFlow::default(); BATCH_SIZE],
+            new_len: 0,
+            gone: [TupleKey::default(); BATCH_SIZE],
             walk: 0,
             last_walk_ns: 0,
             owner,
@@ -974,7 +1029,7 @@ impl AfxdpWorker {
                     revalidating = worker.revalidate_step(tables.tables());
                 }
                 if let Some(r) = &mut self.replies {
-                    r.forget_removed(worker, tables.tables(), now_ns, &mut self.counters);
+                    r.commit(worker, tables.tables(), now_ns, &mut self.counters);
                     r.sweep(worker, now_ns, &mut self.counters);
                 }
                 self.apply_port_changes();
@@ -1268,7 +1323,7 @@ impl AfxdpWorker {
                         }
                         if reason == ForwardReason::NewFlow {
                             if let Some(r) = replies.as_mut() {
-                                r.note(frame, batch_keys[j], t, counters);
+                                r.note(frame, batch_keys[j], t);
                             }
                         }
                         Out::Send { iface, len }
@@ -1291,7 +1346,7 @@ impl AfxdpWorker {
             },
         );
         if let Some(r) = replies.as_mut() {
-            r.forget_removed(worker, t, now_ns, counters);
+            r.commit(worker, t, now_ns, counters);
         }
         for (j, d) in batch[..k].iter_mut().enumerate() {
             let egress = match outs[j] {

