@@ -98,7 +98,7 @@ use crate::verdict::{ForwardReason, Verdict};
 use crate::wire::{ipv4, ipv6, proto};
 
 use handoff::{HandoffEnds, HandoffRx, HandoffTx};
-use reply_table::{Inserted, ReplyTable};
+use reply_table::{Inserted, Loc, ReplyTable};
 use std::sync::Arc;
 use steer::{ReplyMap, TupleKey, META_LEN, META_MAGIC, NO_OWNER};
 
@@ -408,7 +408,7 @@ struct ReplySteer {
     new_flows: [NewFlow; BATCH_SIZE],
     new_len: usize,
     /// Tuples of removed flows, freed in groups (buckets prefetched first).
-    gone: [TupleKey; BATCH_SIZE],
+    gone: [Loc; BATCH_SIZE],
     /// Where the safety sweep of the whole table goes on.
     walk: u32,
     /// When the last safety sweep ran.
@@ -475,36 +475,30 @@ impl ReplySteer {
     }
 
     /// After a batch: frees the table slots of the flows conntrack removed (its removal
-    /// log), then writes the batch's new tuples, each group's buckets prefetched first so
-    /// that their cache misses overlap. A tuple that finds both its buckets full goes to
-    /// the LRU map (queued for [`ReplySteer::flush`], before TX). A tuple both removed and
-    /// written in this batch (a flow that ended and began again) stays only if conntrack
-    /// holds it.
-    fn commit(&mut self, worker: &mut Worker, t: &Tables, now_ns: u64, c: &mut DriverCounters) {
+    /// log), then writes the batch's new tuples; each group of tuples is hashed once and
+    /// its buckets, then its slots, prefetched before the group is touched, so that the
+    /// cache misses overlap. A tuple that finds both its buckets full goes to the LRU map
+    /// (queued for [`ReplySteer::flush`], before TX). Removals go first, so a flow that
+    /// ended and began again within the batch keeps its slot; one that began and ended
+    /// within it leaves a slot the table walk frees ([`ReplySteer::sweep_table`]).
+    fn commit(&mut self, worker: &mut Worker, t: &Tables, _now_ns: u64, c: &mut DriverCounters) {
         let Self {
             table,
             snat,
             owner,
-            new_flows,
-            new_len,
             gone,
             ..
         } = self;
-        let flows = &new_flows[..*new_len];
-        let is_new = |k: &TupleKey| {
-            flows
-                .iter()
-                .any(|f| f.reply_key == Some(*k) || f.orig == Some(*k))
-        };
-        let mut again = [TupleKey::default(); 2 * BATCH_SIZE];
-        let mut again_len = 0;
         let mut gone_len = 0;
-        let flush_gone = |gone: &[TupleKey], c: &mut DriverCounters| {
-            for k in gone.iter() {
-                table.prefetch(k);
+        let free = |gone: &[Loc], c: &mut DriverCounters| {
+            for l in gone {
+                table.prefetch_buckets(l);
             }
-            for k in gone.iter() {
-                if table.remove_key(k, *owner) {
+            for l in gone {
+                table.prefetch_slots(l);
+            }
+            for l in gone {
+                if table.remove_at(l, *owner) {
                     c.reply_tuples_removed += 1;
                 }
             }
@@ -516,32 +510,32 @@ impl ReplySteer {
                 (!by_port).then(|| TupleKey::of(reply)),
                 Some(TupleKey::of(orig)),
             ];
-            for k in keys.into_iter().flatten() {
-                if is_new(&k) {
-                    if again_len < again.len() {
-                        again[again_len] = k;
-                        again_len += 1;
-                    }
-                    continue;
-                }
-                gone[gone_len] = k;
+            for k in keys.iter().flatten() {
+                gone[gone_len] = table.locate(k);
                 gone_len += 1;
                 if gone_len == gone.len() {
-                    flush_gone(&gone[..], c);
+                    free(&gone[..], c);
                     gone_len = 0;
                 }
             }
         });
-        flush_gone(&gone[..gone_len], c);
-        for f in flows {
-            for k in [f.reply_key, f.orig].iter().flatten() {
-                table.prefetch(k);
-            }
+        free(&gone[..gone_len], c);
+        let n = self.new_len;
+        self.new_len = 0;
+        let mut locs = [[None::<Loc>; 2]; BATCH_SIZE];
+        for (l, f) in locs.iter_mut().zip(&self.new_flows[..n]) {
+            *l = [f.reply_key, f.orig].map(|k| k.map(|k| self.table.locate(&k)));
         }
-        for i in 0..*new_len {
+        for l in locs[..n].iter().flatten().flatten() {
+            self.table.prefetch_buckets(l);
+        }
+        for l in locs[..n].iter().flatten().flatten() {
+            self.table.prefetch_slots(l);
+        }
+        for (i, [reply_loc, orig_loc]) in locs[..n].iter().enumerate() {
             let f = self.new_flows[i];
-            let reply_left = f.reply_key.filter(|k| !self.put(k, c));
-            let orig_left = f.orig.filter(|k| !self.put(k, c));
+            let reply_left = reply_loc.filter(|l| !self.put(l, c)).and(f.reply_key);
+            let orig_left = orig_loc.filter(|l| !self.put(l, c)).and(f.orig);
             if reply_left.is_some() || orig_left.is_some() {
                 self.queue_for_lru(Tracked {
                     reply: f.reply,
@@ -550,20 +544,11 @@ impl ReplySteer {
                 });
             }
         }
-        self.new_len = 0;
-        for k in &again[..again_len] {
-            let live = k
-                .flow_key()
-                .is_some_and(|f| worker.conntrack.reply_tuple_in_use(&f, now_ns));
-            if !live && self.table.remove_key(k, self.owner) {
-                c.reply_tuples_removed += 1;
-            }
-        }
     }
 
-    /// Writes `k` to the reply table; false if both its buckets are full.
-    fn put(&mut self, k: &TupleKey, c: &mut DriverCounters) -> bool {
-        match self.table.insert(k, self.owner) {
+    /// Writes the located tuple to the reply table; false if both its buckets are full.
+    fn put(&mut self, l: &Loc, c: &mut DriverCounters) -> bool {
+        match self.table.insert_at(l, self.owner) {
             Inserted::New(_) | Inserted::Existing(_) => {
                 c.reply_table_inserts += 1;
                 true
@@ -964,7 +949,7 @@ impl AfxdpWorker {
             table,
             new_flows: [NewFlow::default(); BATCH_SIZE],
             new_len: 0,
-            gone: [TupleKey::default(); BATCH_SIZE],
+            gone: [Loc::default(); BATCH_SIZE],
             walk: 0,
             last_walk_ns: 0,
             owner,

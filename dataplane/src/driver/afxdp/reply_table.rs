@@ -114,6 +114,25 @@ pub fn bucket_of(h: u64, i: usize, buckets: u32) -> u32 {
     ((x * u64::from(buckets)) >> 32) as u32
 }
 
+/// A tuple, hashed: its words, its two buckets and its fingerprint.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Loc {
+    w: [u32; 10],
+    homes: [u32; 2],
+    fp: u32,
+}
+
+#[inline]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching has no observable effect and never faults.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch(p.cast::<i8>(), core::arch::x86_64::_MM_HINT_T0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Where a worker's tuple sits, and the generation it was written with (a slot removed or
 /// rewritten since has another).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,19 +246,52 @@ impl ReplyTable {
         )
     }
 
-    /// Prefetches the first line (states, fingerprints) of the two buckets `k` may live
-    /// in.
-    #[inline]
-    pub fn prefetch(&self, k: &TupleKey) {
-        #[cfg(target_arch = "x86_64")]
-        for b in self.homes(k).0 {
-            let p = self.bucket(b) as *const Bucket as *const i8;
-            // SAFETY: prefetching has no observable effect and never faults; p is inside
-            // the mapping.
-            unsafe { core::arch::x86_64::_mm_prefetch(p, core::arch::x86_64::_MM_HINT_T0) };
+    /// Where `k` may live: hashed once for the prefetch passes and the operation.
+    pub fn locate(&self, k: &TupleKey) -> Loc {
+        let (homes, fp) = self.homes(k);
+        Loc {
+            w: words(k),
+            homes,
+            fp,
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = k;
+    }
+
+    /// First prefetch pass: the first line (states, fingerprints) of both buckets.
+    #[inline]
+    pub fn prefetch_buckets(&self, l: &Loc) {
+        for b in l.homes {
+            prefetch(self.bucket(b) as *const Bucket as *const u8);
+        }
+    }
+
+    /// Second prefetch pass (after the first has landed): the lines of the slots whose
+    /// fingerprint matches, and of the first free slot of the emptier bucket (where an
+    /// insert would write).
+    #[inline]
+    pub fn prefetch_slots(&self, l: &Loc) {
+        let mut best: Option<(usize, u32, usize)> = None;
+        for b in l.homes {
+            let bk = self.bucket(b);
+            let mut free = 0;
+            let mut first_free = None;
+            for j in 0..WAYS {
+                let s = bk.state[j].load(Ordering::Relaxed) & TAG_MASK;
+                if s == TAG_FREE {
+                    free += 1;
+                    first_free.get_or_insert(j);
+                } else if s == TAG_VALID && bk.fp[j].load(Ordering::Relaxed) == l.fp {
+                    prefetch(&bk.slots[j] as *const Slot as *const u8);
+                }
+            }
+            if let Some(j) = first_free {
+                if best.is_none_or(|(f, _, _)| free > f) {
+                    best = Some((free, b, j));
+                }
+            }
+        }
+        if let Some((_, b, j)) = best {
+            prefetch(&self.bucket(b).slots[j] as *const Slot as *const u8);
+        }
     }
 
     fn holds(slot: &Slot, w: &[u32; 10]) -> bool {
@@ -264,8 +316,12 @@ impl ReplyTable {
     /// Writes `k` owned by `owner`: over the slot that already holds it, else into a free
     /// slot of the emptier of its two buckets.
     pub fn insert(&self, k: &TupleKey, owner: u32) -> Inserted {
-        let w = words(k);
-        let (homes, fp) = self.homes(k);
+        self.insert_at(&self.locate(k), owner)
+    }
+
+    /// [`ReplyTable::insert`] of a located tuple.
+    pub fn insert_at(&self, l: &Loc, owner: u32) -> Inserted {
+        let (w, homes, fp) = (l.w, l.homes, l.fp);
         for &b in &homes {
             if let Some((j, s)) = self.find_in(b, fp, &w) {
                 let at = b * WAYS as u32 + j as u32;
@@ -365,10 +421,13 @@ impl ReplyTable {
 
     /// Frees the slot holding `k` if `owner` owns it. Whether it did.
     pub fn remove_key(&self, k: &TupleKey, owner: u32) -> bool {
-        let w = words(k);
-        let (homes, fp) = self.homes(k);
-        for b in homes {
-            let Some((j, s)) = self.find_in(b, fp, &w) else {
+        self.remove_at(&self.locate(k), owner)
+    }
+
+    /// [`ReplyTable::remove_key`] of a located tuple.
+    pub fn remove_at(&self, l: &Loc, owner: u32) -> bool {
+        for b in l.homes {
+            let Some((j, s)) = self.find_in(b, l.fp, &l.w) else {
                 continue;
             };
             if self.bucket(b).slots[j].owner.load(Ordering::Relaxed) != owner {
