@@ -481,7 +481,7 @@ impl ReplySteer {
     /// (queued for [`ReplySteer::flush`], before TX). Removals go first, so a flow that
     /// ended and began again within the batch keeps its slot; one that began and ended
     /// within it leaves a slot the table walk frees ([`ReplySteer::sweep_table`]).
-    fn commit(&mut self, worker: &mut Worker, t: &Tables, _now_ns: u64, c: &mut DriverCounters) {
+    fn commit(&mut self, worker: &mut Worker, t: &Tables, c: &mut DriverCounters) {
         let Self {
             table,
             snat,
@@ -1014,7 +1014,7 @@ impl AfxdpWorker {
                     revalidating = worker.revalidate_step(tables.tables());
                 }
                 if let Some(r) = &mut self.replies {
-                    r.commit(worker, tables.tables(), now_ns, &mut self.counters);
+                    r.commit(worker, tables.tables(), &mut self.counters);
                     r.sweep(worker, now_ns, &mut self.counters);
                 }
                 self.apply_port_changes();
@@ -1331,7 +1331,7 @@ impl AfxdpWorker {
             },
         );
         if let Some(r) = replies.as_mut() {
-            r.commit(worker, t, now_ns, counters);
+            r.commit(worker, t, counters);
         }
         for (j, d) in batch[..k].iter_mut().enumerate() {
             let egress = match outs[j] {

@@ -216,10 +216,6 @@ impl ReplyTable {
         })
     }
 
-    pub fn buckets(&self) -> u32 {
-        self.buckets
-    }
-
     pub fn slots(&self) -> usize {
         self.buckets as usize * WAYS
     }
