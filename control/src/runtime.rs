@@ -44,7 +44,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kxp_dataplane::driver::afxdp::handoff::{mesh, HandoffEnds};
-use kxp_dataplane::driver::afxdp::reply_table::WAYS as REPLY_WAYS;
+use kxp_dataplane::driver::afxdp::reply_table::{ReplyBuckets, WAYS as REPLY_WAYS};
 use kxp_dataplane::driver::afxdp::steer::{reply_buckets_for, Steering, STAT_NAMES};
 use kxp_dataplane::driver::afxdp::{
     AfxdpConfig, AfxdpWorker, DriverCounters, PortChange, PortChangeResult, PortSpec,
@@ -107,7 +107,8 @@ pub struct RunConfig {
     pub masquerade_all: bool,
     /// Tracked flows per worker (IPv4; IPv6 gets a quarter).
     pub conntrack_capacity: usize,
-    /// Slots of the XDP reply table (`None`: sized for every tuple conntrack can hold).
+    /// Slots of each of the XDP reply tables, IPv4 and IPv6 (`None`: sized for every
+    /// tuple conntrack can hold).
     pub reply_table_slots: Option<usize>,
     pub afxdp: AfxdpConfig,
     pub neighbour_refresh: Duration,
@@ -1031,17 +1032,23 @@ impl Runtime {
         Ok(rt)
     }
 
-    /// Reply-table buckets for every tuple the workers can track at once: each flow
-    /// conntrack can hold (IPv4 and IPv6), on every worker, once (its reply tuple) or,
-    /// with several workers, twice (its original tuple too).
-    fn reply_buckets(&self) -> u32 {
+    /// Reply-table buckets for every tuple the workers can track at once, per family:
+    /// each flow conntrack can hold (its IPv4 or its IPv6 table), on every worker, once
+    /// (its reply tuple) or, with several workers, twice (its original tuple too).
+    fn reply_buckets(&self) -> ReplyBuckets {
         if let Some(slots) = self.cfg.reply_table_slots {
-            return u32::try_from(slots.div_ceil(REPLY_WAYS).max(1)).unwrap_or(u32::MAX);
+            let b = u32::try_from(slots.div_ceil(REPLY_WAYS).max(1)).unwrap_or(u32::MAX);
+            return ReplyBuckets { v4: b, v6: b };
         }
         let wc = self.worker_config(0);
-        let per_worker = wc.conntrack.capacity + wc.conntrack.capacity_v6;
         let tuples_per_flow = if self.cfg.queues.len() > 1 { 2 } else { 1 };
-        reply_buckets_for(per_worker * self.cfg.queues.len().max(1) * tuples_per_flow)
+        let tuples = |per_worker: usize| {
+            reply_buckets_for(per_worker * self.cfg.queues.len().max(1) * tuples_per_flow)
+        };
+        ReplyBuckets {
+            v4: tuples(wc.conntrack.capacity),
+            v6: tuples(wc.conntrack.capacity_v6),
+        }
     }
 
     fn worker_config(&self, index: usize) -> WorkerConfig {

@@ -39,13 +39,14 @@
 // STAT_OTHER_OWNER counts frames steered to a queue whose worker (`queue_workers`) is not
 // their owner, i.e. frames that userspace must hand over.
 //
-// Reply table. An array map of buckets (BPF_F_MMAPABLE) that userspace maps and writes
-// with atomic operations; this program only reads it. A bucket is REPLY_WAYS slots: its
+// Reply tables. Two array maps of buckets (BPF_F_MMAPABLE), one for IPv4 tuples (16-byte
+// slots) and one for the others (48-byte slots), that userspace maps and writes with
+// atomic operations; this program only reads them. A bucket is REPLY_WAYS slots: its
 // first cache line holds every slot's state and a 32-bit fingerprint of its tuple, the
 // rest the slots' owners and tuples, so a lookup reads one line per bucket and a tuple
 // only when its fingerprint matches. A tuple lives in one of two buckets picked by a
 // seeded hash (tuple_hash, mirrored in reply_table.rs, as are the fingerprint and the
-// bucket choice; seed and bucket count in `reply_cfg`). A slot's state is
+// bucket choice; seed and bucket counts in `reply_cfg`). A slot's state is
 // generation << 2 | tag, tag 0 free, 1 being written, 2 valid; writers claim a slot by
 // compare-and-swap to tag 1, write, then publish tag 2 with the next generation. A reader
 // takes a slot only if its state is valid and reads the same before and after the tuple
@@ -245,11 +246,27 @@ struct {
 	__type(value, __u32);
 } replies SEC(".maps");
 
-// Reply table (see above). Sized by userspace before the program is loaded.
+// Reply tables (see above): IPv4 tuples in `reply_table_v4`, whose 16-byte slots hold
+// the tuple's 13 bytes and the owner, the others in `reply_table`. Sized by userspace
+// before the program is loaded.
 #define REPLY_WAYS 8
 #define SLOT_FREE 0
 #define SLOT_BUSY 1
 #define SLOT_VALID 2
+struct reply_slot_v4 {
+	__u32 src; // as in the frame
+	__u32 dst;
+	__u32 ports; // sport_be, dport_be
+	__u32 meta; // proto | owner << 8
+};
+
+// 192 bytes: one line of states and fingerprints, two of slots.
+struct reply_bucket_v4 {
+	__u32 state[REPLY_WAYS];
+	__u32 fp[REPLY_WAYS];
+	struct reply_slot_v4 slot[REPLY_WAYS];
+};
+
 struct reply_slot {
 	__u32 owner;
 	__u32 pad;
@@ -268,13 +285,24 @@ struct {
 	__uint(max_entries, 1);
 	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
+	__type(value, struct reply_bucket_v4);
+} reply_table_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
 	__type(value, struct reply_bucket);
 } reply_table SEC(".maps");
 
-// Buckets in use (0: the table is off) and the hash seed, written once before attach.
+// Buckets of each table (0: the tables are off) and the hash seed, written once before
+// attach.
 struct reply_cfg {
-	__u32 buckets;
+	__u32 buckets_v4;
+	__u32 buckets_v6;
 	__u32 flags; // REPLY_CFG_OWNERS: several workers, find owners of original tuples
+	__u32 pad;
 	__u64 seed;
 };
 #define REPLY_CFG_OWNERS 1
@@ -339,22 +367,50 @@ static __always_inline int is_service_addr(const struct addr *dst, __u8 flag)
 
 #define READ_ONCE_U32(x) (*(volatile __u32 *)&(x))
 
-// Seeded hash of a tuple, as ten 32-bit words in memory order taken two at a time
-// (mirrored in reply_table.rs): a multiply-xorshift round per pair, then a finaliser.
+// One round of the seeded tuple hash: a pair of 32-bit words mixed in.
+static __always_inline __u64 hash_pair(__u64 h, __u32 a, __u32 b)
+{
+	__u64 v = (__u64)a | ((__u64)b << 32);
+	h = (h ^ v) * 0x9e3779b97f4a7c15ULL;
+	return h ^ (h >> 29);
+}
+
+static __always_inline __u64 hash_finish(__u64 h)
+{
+	h ^= h >> 32;
+	h *= 0xd6e8feb86659fd93ULL;
+	h ^= h >> 32;
+	return h;
+}
+
+// Seeded hash of a tuple, as 32-bit words taken two at a time (mirrored in
+// reply_table.rs): a multiply-xorshift round per pair, then a finaliser. An IPv4 tuple
+// is the four words source, destination, ports, protocol; any other the ten words of
+// `struct tuple_key` in memory order.
 static __always_inline __u64 tuple_hash(const struct tuple_key *t, __u64 seed)
 {
 	const __u32 *w = (const __u32 *)t;
 	__u64 h = seed;
 #pragma unroll
-	for (int i = 0; i < 10; i += 2) {
-		__u64 v = (__u64)w[i] | ((__u64)w[i + 1] << 32);
-		h = (h ^ v) * 0x9e3779b97f4a7c15ULL;
-		h ^= h >> 29;
-	}
-	h ^= h >> 32;
-	h *= 0xd6e8feb86659fd93ULL;
-	h ^= h >> 32;
-	return h;
+	for (int i = 0; i < 10; i += 2)
+		h = hash_pair(h, w[i], w[i + 1]);
+	return hash_finish(h);
+}
+
+static __always_inline __u64 tuple_hash_v4(const struct tuple_key *t, __u64 seed)
+{
+	const __u32 *w = (const __u32 *)t;
+	__u64 h = hash_pair(seed, w[3], w[7]);
+	h = hash_pair(h, w[8], t->proto);
+	return hash_finish(h);
+}
+
+// Both addresses IPv4-mapped: the tuple lives in `reply_table_v4`.
+static __always_inline int is_v4_tuple(const struct tuple_key *t)
+{
+	const __u32 *w = (const __u32 *)t;
+	__u32 mapped = bpf_htonl(0x0000ffff);
+	return (w[0] | w[1] | w[4] | w[5]) == 0 && w[2] == mapped && w[6] == mapped;
 }
 
 static __always_inline int same_tuple(const struct tuple_key *a, const struct tuple_key *b)
@@ -388,6 +444,30 @@ static __always_inline __u32 bucket_owner(__u32 b, __u32 fp, const struct tuple_
 	return KXP_NO_OWNER;
 }
 
+// The owner of IPv4 tuple `t` (fingerprint `fp`) in one bucket of `reply_table_v4`, or
+// KXP_NO_OWNER.
+static __always_inline __u32 bucket_owner_v4(__u32 b, __u32 fp, const struct tuple_key *t)
+{
+	struct reply_bucket_v4 *bk = bpf_map_lookup_elem(&reply_table_v4, &b);
+	if (!bk)
+		return KXP_NO_OWNER;
+	const __u32 *w = (const __u32 *)t;
+#pragma unroll
+	for (int j = 0; j < REPLY_WAYS; j++) {
+		__u32 s1 = READ_ONCE_U32(bk->state[j]);
+		if ((s1 & 3) != SLOT_VALID || READ_ONCE_U32(bk->fp[j]) != fp)
+			continue;
+		struct reply_slot_v4 *sl = &bk->slot[j];
+		__u32 meta = READ_ONCE_U32(sl->meta);
+		if ((READ_ONCE_U32(sl->src) ^ w[3]) | (READ_ONCE_U32(sl->dst) ^ w[7]) |
+		    (READ_ONCE_U32(sl->ports) ^ w[8]) | ((meta & 0xff) ^ t->proto))
+			continue;
+		if (READ_ONCE_U32(bk->state[j]) == s1)
+			return meta >> 8;
+	}
+	return KXP_NO_OWNER;
+}
+
 // The fingerprint of a tuple hash: bits the bucket choice does not use up.
 static __always_inline __u32 fingerprint(__u64 h)
 {
@@ -408,12 +488,21 @@ static __always_inline int flow_owner(const struct tuple_key *t, __u32 *who)
 {
 	__u32 zero = 0;
 	struct reply_cfg *c = bpf_map_lookup_elem(&reply_cfg, &zero);
-	if (c && c->buckets) {
-		__u64 h = tuple_hash(t, c->seed);
-		__u32 fp = fingerprint(h);
-		__u32 o = bucket_owner(bucket_of(h, 0, c->buckets), fp, t);
-		if (o == KXP_NO_OWNER)
-			o = bucket_owner(bucket_of(h, 1, c->buckets), fp, t);
+	if (c && c->buckets_v4 && c->buckets_v6) {
+		__u32 o;
+		if (is_v4_tuple(t)) {
+			__u64 h = tuple_hash_v4(t, c->seed);
+			__u32 fp = fingerprint(h);
+			o = bucket_owner_v4(bucket_of(h, 0, c->buckets_v4), fp, t);
+			if (o == KXP_NO_OWNER)
+				o = bucket_owner_v4(bucket_of(h, 1, c->buckets_v4), fp, t);
+		} else {
+			__u64 h = tuple_hash(t, c->seed);
+			__u32 fp = fingerprint(h);
+			o = bucket_owner(bucket_of(h, 0, c->buckets_v6), fp, t);
+			if (o == KXP_NO_OWNER)
+				o = bucket_owner(bucket_of(h, 1, c->buckets_v6), fp, t);
+		}
 		if (o != KXP_NO_OWNER) {
 			*who = o;
 			return 1;

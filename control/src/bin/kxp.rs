@@ -333,8 +333,9 @@ struct RunArgs {
     /// Tracked IPv4 flows per worker.
     #[arg(long, default_value_t = 1 << 18)]
     conntrack_capacity: usize,
-    /// Slots of the reply table the workers share with the XDP program (48 bytes each;
-    /// default: half as many again as the tuples every worker's conntrack can hold).
+    /// Slots of each of the two reply tables the workers share with the XDP program
+    /// (IPv4: 24 bytes a slot, IPv6: 56; default: a third more than the tuples every
+    /// worker's conntrack can hold, per family).
     /// Tuples that find no slot go to the kernel's LRU map: slower, still correct.
     #[arg(long)]
     reply_table_slots: Option<usize>,

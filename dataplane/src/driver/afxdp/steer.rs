@@ -23,7 +23,7 @@ use libbpf_sys as bpf;
 
 use std::sync::Arc;
 
-use super::reply_table::{ReplyCfg, ReplyTable, CFG_OWNERS, WAYS};
+use super::reply_table::{ReplyBuckets, ReplyCfg, ReplyTable, CFG_OWNERS, WAYS};
 use crate::flow::FlowKey;
 use crate::pipeline::Tables;
 use crate::tables::FrontendKind;
@@ -267,6 +267,7 @@ struct Maps {
     snat_owner: RawFd,
     queue_workers: RawFd,
     replies: RawFd,
+    reply_table_v4: RawFd,
     reply_table: RawFd,
     reply_cfg: RawFd,
     stats: RawFd,
@@ -360,27 +361,34 @@ fn random_seed() -> u64 {
 impl Steering {
     /// Loads the embedded program into the kernel (verifier included), with a reply table
     /// of `reply_buckets` buckets ([`reply_buckets_for`]). Nothing is attached.
-    pub fn load(reply_buckets: u32) -> Result<Self, SteerError> {
-        let reply_buckets = reply_buckets.max(1);
+    pub fn load(reply_buckets: ReplyBuckets) -> Result<Self, SteerError> {
+        let reply_buckets = ReplyBuckets {
+            v4: reply_buckets.v4.max(1),
+            v6: reply_buckets.v6.max(1),
+        };
         // SAFETY: OBJECT is a static ELF image that outlives the object; libbpf copies
         // what it keeps. Null options are allowed.
         let obj = unsafe {
             bpf::bpf_object__open_mem(OBJECT.as_ptr().cast(), OBJECT.len() as _, core::ptr::null())
         };
         let obj = NonNull::new(obj).ok_or_else(|| SteerError::Load("open", last_err()))?;
-        // SAFETY: valid opened (not yet loaded) object; NUL-terminated name.
-        let table =
-            unsafe { bpf::bpf_object__find_map_by_name(obj.as_ptr(), c"reply_table".as_ptr()) };
-        let rc = if table.is_null() {
-            -libc::ENOENT
-        } else {
-            // SAFETY: a map of the opened object, resized before the object is loaded.
-            unsafe { bpf::bpf_map__set_max_entries(table, reply_buckets) }
-        };
-        if rc < 0 {
-            // SAFETY: opened above, closed once here.
-            unsafe { bpf::bpf_object__close(obj.as_ptr()) };
-            return Err(SteerError::Map("reply_table", neg_err(rc)));
+        for (name, label, buckets) in [
+            (c"reply_table_v4", "reply_table_v4", reply_buckets.v4),
+            (c"reply_table", "reply_table", reply_buckets.v6),
+        ] {
+            // SAFETY: valid opened (not yet loaded) object; NUL-terminated name.
+            let table = unsafe { bpf::bpf_object__find_map_by_name(obj.as_ptr(), name.as_ptr()) };
+            let rc = if table.is_null() {
+                -libc::ENOENT
+            } else {
+                // SAFETY: a map of the opened object, resized before the object is loaded.
+                unsafe { bpf::bpf_map__set_max_entries(table, buckets) }
+            };
+            if rc < 0 {
+                // SAFETY: opened above, closed once here.
+                unsafe { bpf::bpf_object__close(obj.as_ptr()) };
+                return Err(SteerError::Map(label, neg_err(rc)));
+            }
         }
         let mut me = Self {
             obj,
@@ -396,6 +404,7 @@ impl Steering {
                 snat_owner: -1,
                 queue_workers: -1,
                 replies: -1,
+                reply_table_v4: -1,
                 reply_table: -1,
                 reply_cfg: -1,
                 stats: -1,
@@ -438,18 +447,26 @@ impl Steering {
             snat_owner: map(c"snat_owner")?,
             queue_workers: map(c"queue_workers")?,
             replies: map(c"replies")?,
+            reply_table_v4: map(c"reply_table_v4")?,
             reply_table: map(c"reply_table")?,
             reply_cfg: map(c"reply_cfg")?,
             stats: map(c"stats")?,
         };
         let seed = random_seed();
         me.reply_table = Some(Arc::new(
-            ReplyTable::map(me.maps.reply_table, reply_buckets, seed)
-                .map_err(|e| SteerError::Map("reply_table", e))?,
+            ReplyTable::map(
+                me.maps.reply_table_v4,
+                me.maps.reply_table,
+                reply_buckets,
+                seed,
+            )
+            .map_err(|e| SteerError::Map("reply_table", e))?,
         ));
         me.reply_cfg = ReplyCfg {
-            buckets: reply_buckets,
+            buckets_v4: reply_buckets.v4,
+            buckets_v6: reply_buckets.v6,
             flags: 0,
+            pad: 0,
             seed,
         };
         update(
@@ -925,7 +942,7 @@ mod tests {
             eprintln!("skipped: loading BPF programs needs root");
             return;
         }
-        let mut s = Steering::load(64).expect("load");
+        let mut s = Steering::load(ReplyBuckets { v4: 64, v6: 64 }).expect("load");
         s.set_workers(&[(0, (61000, 63000)), (1, (63001, 65535))], (61000, 65535))
             .unwrap();
         assert_eq!(s.snat_port_owner(61000), Some(0));
@@ -974,58 +991,90 @@ mod tests {
 
     /// A reply of an unmasqueraded flow is kxp's exactly while its tuple is in the reply
     /// table, which userspace writes through its mapping and the program reads with the
-    /// same hash (any disagreement and the reply would pass to the kernel).
+    /// same hash (any disagreement and the reply would pass to the kernel): IPv4 tuples
+    /// in the compact table, IPv6 tuples in the other.
     #[test]
     fn program_finds_tuples_userspace_wrote_to_the_reply_table() {
         if !is_root() {
             eprintln!("skipped: loading BPF programs needs root");
             return;
         }
-        let s = Steering::load(reply_buckets_for(4000)).expect("load");
-        let reply = FlowKey {
-            src: "10.244.1.3".parse().unwrap(),
-            dst: "10.244.2.7".parse().unwrap(),
-            sport: 8080,
-            dport: 40001,
-            proto: L4Proto::Udp,
-        };
-        let mut frame = Vec::new();
-        etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-            .ipv4([10, 244, 1, 3], [10, 244, 2, 7], 64)
-            .udp(8080, 40001)
-            .write(&mut frame, b"reply")
-            .unwrap();
+        let s = Steering::load(ReplyBuckets {
+            v4: reply_buckets_for(4000),
+            v6: reply_buckets_for(1000),
+        })
+        .expect("load");
         let stat = |name: &str| {
             let i = STAT_NAMES.iter().position(|n| *n == name).unwrap();
             s.stats().unwrap()[i]
         };
-        let (pass0, reply0) = (stat("pass"), stat("redirect_reply"));
-        // Not in the table: the kernel's.
-        assert_eq!(test_run(&s, &frame), 2, "XDP_PASS");
-        assert_eq!((stat("pass"), stat("redirect_reply")), (pass0 + 1, reply0));
-        // In the table (and a few thousand others): kxp's. No socket is bound in a test
-        // run, so the redirect falls back to XDP_PASS, but the program counted the reply.
         let table = s.reply_table();
-        for n in 0..2000u16 {
-            let other = FlowKey { dport: n, ..reply };
+        let v4 = ([10, 244, 1, 3], [10, 244, 2, 7]);
+        let v6 = (
+            "fd00:10:244:1::3".parse::<core::net::Ipv6Addr>().unwrap(),
+            "fd00:10:244:2::7".parse::<core::net::Ipv6Addr>().unwrap(),
+        );
+        for (round, family) in ["IPv4", "IPv6"].into_iter().enumerate() {
+            let (src, dst): (IpAddr, IpAddr) = if round == 0 {
+                (v4.0.into(), v4.1.into())
+            } else {
+                (v6.0.into(), v6.1.into())
+            };
+            let reply = FlowKey {
+                src,
+                dst,
+                sport: 8080,
+                dport: 40001,
+                proto: L4Proto::Udp,
+            };
+            let mut frame = Vec::new();
+            let eth = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+            let ip = if round == 0 {
+                eth.ipv4(v4.0, v4.1, 64)
+            } else {
+                eth.ipv6(v6.0.octets(), v6.1.octets(), 64)
+            };
+            ip.udp(8080, 40001).write(&mut frame, b"reply").unwrap();
+            let (pass0, reply0) = (stat("pass"), stat("redirect_reply"));
+            // Not in the table: the kernel's.
+            assert_eq!(test_run(&s, &frame), 2, "{family}: XDP_PASS");
+            assert_eq!((stat("pass"), stat("redirect_reply")), (pass0 + 1, reply0));
+            // The same tuple but TCP, and a thousand others: still the kernel's.
+            for n in 0..1000u16 {
+                let other = FlowKey { dport: n, ..reply };
+                assert!(matches!(
+                    table.insert(&TupleKey::of(&other), 1),
+                    Inserted::New(_)
+                ));
+            }
+            let tcp = FlowKey {
+                proto: L4Proto::Tcp,
+                ..reply
+            };
             assert!(matches!(
-                table.insert(&TupleKey::of(&other), 1),
+                table.insert(&TupleKey::of(&tcp), 1),
                 Inserted::New(_)
             ));
+            test_run(&s, &frame);
+            assert_eq!(stat("redirect_reply"), reply0, "{family}");
+            // In the table: kxp's. No socket is bound in a test run, so the redirect falls
+            // back to XDP_PASS, but the program counted the reply.
+            let Inserted::New(r) = table.insert(&TupleKey::of(&reply), 0) else {
+                panic!("inserted")
+            };
+            let no_socket = stat("pass_no_socket");
+            test_run(&s, &frame);
+            assert_eq!(stat("redirect_reply"), reply0 + 1, "{family}");
+            assert_eq!(stat("pass_no_socket"), no_socket + 1);
+            // Removed: the kernel's again.
+            assert!(table.remove(r));
+            test_run(&s, &frame);
+            assert_eq!(
+                (stat("pass"), stat("redirect_reply")),
+                (pass0 + 3, reply0 + 1),
+                "{family}"
+            );
         }
-        let Inserted::New(r) = table.insert(&TupleKey::of(&reply), 0) else {
-            panic!("inserted")
-        };
-        test_run(&s, &frame);
-        assert_eq!(stat("redirect_reply"), reply0 + 1);
-        assert_eq!(stat("pass_no_socket"), 1);
-        // Removed: the kernel's again.
-        assert!(table.remove(r));
-        test_run(&s, &frame);
-        assert_eq!(
-            (stat("pass"), stat("redirect_reply")),
-            (pass0 + 2, reply0 + 1)
-        );
     }
 
     #[test]
