@@ -416,11 +416,17 @@ fn exec_with_huge_heap() {
     } else {
         format!("{current}:{HUGE_HEAP_TUNABLE}")
     };
-    let err = std::process::Command::new("/proc/self/exe")
-        .arg0(std::env::args_os().next().unwrap_or_default())
-        .args(std::env::args_os().skip(1))
-        .env("GLIBC_TUNABLES", tunables)
-        .exec();
+    // The binary's own path first, so that the process keeps its name (`kxp`, what
+    // pgrep and ps show); /proc/self/exe if that path is gone (replaced on disk).
+    let own = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    let mut err = std::io::Error::other("not tried");
+    for exe in [own, "/proc/self/exe".into()] {
+        err = std::process::Command::new(exe)
+            .arg0(std::env::args_os().next().unwrap_or_default())
+            .args(std::env::args_os().skip(1))
+            .env("GLIBC_TUNABLES", &tunables)
+            .exec();
+    }
     tracing::warn!("kxp run: cannot re-execute with {HUGE_HEAP_TUNABLE} ({err}); the heap stays on 4 KiB pages");
 }
 
