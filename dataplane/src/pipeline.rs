@@ -211,7 +211,8 @@ impl Worker {
             let mut peeked = [None; BATCH_SIZE];
             self.prefetch_flows(tables, batch, &mut peeked);
             for (k, (frame, &iface)) in batch.iter_mut().zip(&ingress[start..end]).enumerate() {
-                let v = self.process_peeked(tables, frame, iface, now_ns, scratch, peeked[k].as_ref());
+                let v =
+                    self.process_peeked(tables, frame, iface, now_ns, scratch, peeked[k].as_ref());
                 done(start + k, frame, v, scratch);
             }
             start = end;
