@@ -561,6 +561,51 @@ mod tests {
         }
     }
 
+    /// `forward_v4` (one header checksum update) writes what `decrement_ttl` then
+    /// `rewrite_v4` write, for every IPv4 header checksum value, with and without address
+    /// and port changes.
+    #[test]
+    fn forward_v4_equals_decrement_ttl_then_rewrite_v4() {
+        let layout = Layout {
+            l3: 14,
+            l4: 34,
+            end: 54,
+            ip_version: 4,
+            proto: proto::TCP,
+        };
+        let (old_src, old_dst) = (0x0a00_0001u32, 0x0a60_0005u32);
+        let changes: [((u32, u16), (u32, u16)); 4] = [
+            ((old_src, 40000), (old_dst, 80)),
+            ((old_src, 40000), (0x0af4_0309, 8080)),
+            ((0xffff_0000, 1), (0x0000_ffff, 0xffff)),
+            ((old_src, 40001), (old_dst ^ 0xffff, 80)),
+        ];
+        for ttl in [2u8, 3, 64, 255] {
+            for &(src, dst) in &changes {
+                let mut base = [0u8; 54];
+                base[14] = 0x45;
+                base[14 + ipv4::TTL] = ttl;
+                base[14 + ipv4::PROTO] = proto::TCP;
+                base[26..30].copy_from_slice(&old_src.to_be_bytes());
+                base[30..34].copy_from_slice(&old_dst.to_be_bytes());
+                base[34..36].copy_from_slice(&40000u16.to_be_bytes());
+                base[36..38].copy_from_slice(&80u16.to_be_bytes());
+                for csum in 0..=u16::MAX {
+                    let c = 14 + ipv4::CHECKSUM;
+                    base[c..c + 2].copy_from_slice(&csum.to_be_bytes());
+                    base[50..52].copy_from_slice(&csum.rotate_left(3).to_be_bytes());
+                    let mut a = base;
+                    let mut fa = FrameMut::new(&mut a, layout);
+                    assert!(fa.decrement_ttl());
+                    fa.rewrite_v4(src, dst);
+                    let mut b = base;
+                    FrameMut::new(&mut b, layout).forward_v4(src, dst);
+                    assert_eq!(a, b, "ttl {ttl} csum {csum:#x} {src:?} {dst:?}");
+                }
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(20_000))]
 
