@@ -474,6 +474,20 @@ impl<A: Addr> Tuple<A> {
     }
 }
 
+/// An IPv4 flow [`Conntrack::lookup_v4`] found: where it is, which way the packet goes,
+/// the tuple the packet leaves with, and the table's clock at the lookup (for
+/// [`Conntrack::on_packet_v4`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HitV4 {
+    /// Slot in the IPv4 slab.
+    slot: u32,
+    pub(crate) dir: Direction,
+    /// The packet's tuple after NAT.
+    pub(crate) out: Tuple<u32>,
+    /// Seconds since the table's epoch at the lookup.
+    now_s: u32,
+}
+
 /// One slab slot: a flow, or a link of the free list (`proto == PROTO_FREE`, `expires`
 /// holds the next free slot).
 #[derive(Clone, Copy, Debug, Default)]
@@ -634,6 +648,12 @@ impl<A: Addr> Entry<A> {
             self.flags |= F_REPLIED;
         }
         let (state, timeout) = if self.proto == L4Proto::Tcp as u8 {
+            if self.state == TcpState::Established.as_u8() && flags & (RST | SYN | FIN) == 0 {
+                // What `tcp_next` answers for an established flow's data and ACKs (no
+                // state change, no FIN bookkeeping), without the call.
+                self.expires = now_s.saturating_add(t.tcp_established);
+                return TcpState::Established;
+            }
             let s = tcp_next(self.tcp_state(), dir, flags, &mut self.flags);
             (s, t.tcp(s))
         } else if self.proto == L4Proto::Udp as u8 {
@@ -1099,6 +1119,45 @@ impl<A: Addr> Table<A> {
         Some((slot, dir))
     }
 
+    /// [`Table::find_live_hinted`] that reads the slab entry once (one bounds check, one
+    /// reference kept for the match, the direction, the expiry and the NAT): the live slot
+    /// holding `t`, the side `t` is, and the tuple a packet of that side leaves with
+    /// ([`Entry::translated`]). An expired flow met is removed, as there.
+    #[inline]
+    fn find_translated(
+        &mut self,
+        hash: u64,
+        t: &Tuple<A>,
+        candidate: Option<u32>,
+        now_s: u32,
+        stats: &mut ConntrackStats,
+    ) -> Option<(u32, Direction, Tuple<A>)> {
+        let slab = &self.slab;
+        let holder = |v: u32| {
+            slab.get((v & !REPLY_BIT) as usize)
+                .filter(|e| !e.is_free() && e.tuple(side_of(v)) == *t)
+        };
+        let (v, e) = match candidate.and_then(|v| Some((v, holder(v)?))) {
+            Some(hit) => hit,
+            None => {
+                let v = self.index.find(hash, |v| holder(v).is_some())?;
+                (v, holder(v)?)
+            }
+        };
+        let slot = v & !REPLY_BIT;
+        // As `find_hinted`: a flow whose two tuples are equal matches as the original.
+        let dir = match side_of(v) {
+            Direction::Reply if e.orig_tuple() != *t => Direction::Reply,
+            _ => Direction::Original,
+        };
+        if e.expires < now_s {
+            self.remove(slot);
+            stats.expired += 1;
+            return None;
+        }
+        Some((slot, dir, e.translated(dir)))
+    }
+
     /// Whether a live flow has `t` as its original or reply tuple.
     fn tuple_in_use(&self, t: &Tuple<A>, now_s: u32) -> bool {
         self.find(t.hash(self.seed), t)
@@ -1534,7 +1593,7 @@ impl Conntrack {
 
     /// [`Conntrack::lookup`] for an IPv4 tuple, without building a [`FlowMatch`]: the
     /// flow's slot, the packet's direction, and the tuple the packet leaves with (NAT
-    /// applied). Same effects as `lookup` (the clock starts, an expired flow met is
+    /// applied), as a [`HitV4`] for [`Conntrack::on_packet_v4`]. Same effects as `lookup` (the clock starts, an expired flow met is
     /// removed, a miss is remembered for the insert that usually follows). `hash` is
     /// [`Conntrack::hash_v4`] of `t`; `candidate` what [`Conntrack::prefetch_flow_v4`]
     /// returned for it, if anything.
@@ -1545,18 +1604,31 @@ impl Conntrack {
         hash: u64,
         candidate: Option<u32>,
         now_ns: u64,
-    ) -> Option<(FlowId, Direction, Tuple<u32>)> {
+    ) -> Option<HitV4> {
         let now_s = self.now_s(now_ns);
         let table = &mut self.v4;
-        match table.find_live_hinted(hash, t, candidate, now_s, &mut self.stats) {
-            Some((slot, dir)) => {
-                let e = table.slab.get(slot as usize)?;
-                Some((table.id(slot), dir, e.translated(dir)))
-            }
+        match table.find_translated(hash, t, candidate, now_s, &mut self.stats) {
+            Some((slot, dir, out)) => Some(HitV4 {
+                slot,
+                dir,
+                out,
+                now_s,
+            }),
             None => {
                 table.absent = Some((*t, hash, table.epoch));
                 None
             }
+        }
+    }
+
+    /// [`Conntrack::on_packet`] for the flow a [`Conntrack::lookup_v4`] just found, with
+    /// nothing changed in the table since: the slot is known to be an IPv4 flow, and the
+    /// clock was read by the lookup.
+    #[inline]
+    pub(crate) fn on_packet_v4(&mut self, hit: &HitV4, tcp_flags: u8) {
+        let t = &self.cfg.timeouts;
+        if let Some(e) = self.v4.slab.get_mut(hit.slot as usize) {
+            e.on_packet(hit.dir, tcp_flags, hit.now_s, t);
         }
     }
 

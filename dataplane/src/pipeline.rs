@@ -160,7 +160,7 @@ impl Worker {
 
     /// [`Worker::process`] with the fast path's tuple and hash already known (from the
     /// prefetch pass of [`Worker::process_batch`]).
-    #[inline]
+    #[inline(always)]
     fn process_peeked(
         &mut self,
         tables: &Tables,
@@ -168,7 +168,7 @@ impl Worker {
         ingress: IfaceId,
         now_ns: u64,
         scratch: &mut [u8],
-        peeked: Option<fast::Peeked>,
+        peeked: Option<&fast::Peeked>,
     ) -> Verdict {
         let fast = if self.cfg.fast_path {
             self.classify_v4(tables, frame, ingress, now_ns, scratch, peeked)
@@ -211,7 +211,8 @@ impl Worker {
             let mut peeked = [None; BATCH_SIZE];
             self.prefetch_flows(tables, batch, &mut peeked);
             for (k, (frame, &iface)) in batch.iter_mut().zip(&ingress[start..end]).enumerate() {
-                let v = self.process_peeked(tables, frame, iface, now_ns, scratch, peeked[k]);
+                let v =
+                    self.process_peeked(tables, frame, iface, now_ns, scratch, peeked[k].as_ref());
                 done(start + k, frame, v, scratch);
             }
             start = end;

@@ -192,7 +192,7 @@ impl<'a> FrameMut<'a> {
                 IpAddr::V4(a) => Some(u32::from(a)),
                 IpAddr::V6(_) => None,
             };
-            (l4_sum, l4_changed) = self.swap_ipv4_addrs(v4(src.0), v4(dst.0));
+            (l4_sum, l4_changed) = self.swap_ipv4_addrs(v4(src.0), v4(dst.0), false);
         } else {
             for (at, addr) in [
                 (l.l3 + ipv6::SRC.start, src.0),
@@ -227,19 +227,39 @@ impl<'a> FrameMut<'a> {
     /// order): the fast path's form, and what `rewrite` runs for IPv4.
     #[inline]
     pub fn rewrite_v4(&mut self, src: (u32, u16), dst: (u32, u16)) {
-        let (l3_sum, l3_changed) = self.swap_ipv4_addrs(Some(src.0), Some(dst.0));
+        self.rewrite_v4_ttl(src, dst, false);
+    }
+
+    /// [`FrameMut::decrement_ttl`] then [`FrameMut::rewrite_v4`] of an IPv4 frame whose
+    /// TTL the caller has checked is above 1, with one header checksum update for both
+    /// (the same bytes as the two in turn: RFC 1624 updates compose exactly, since the
+    /// TTL's addend is never zero). The fast path's forward.
+    #[inline]
+    pub fn forward_v4(&mut self, src: (u32, u16), dst: (u32, u16)) {
+        self.rewrite_v4_ttl(src, dst, true);
+    }
+
+    #[inline]
+    fn rewrite_v4_ttl(&mut self, src: (u32, u16), dst: (u32, u16), decrement_ttl: bool) {
+        let (l3_sum, l3_changed) = self.swap_ipv4_addrs(Some(src.0), Some(dst.0), decrement_ttl);
         let (sum, changed) = self.swap_ports(src.1, dst.1);
         if l3_changed || changed {
             self.add_to_l4_checksum(l3_sum + sum);
         }
     }
 
-    /// Writes the IPv4 source and destination addresses given (where they differ) and
-    /// updates the header checksum once for both; returns the RFC 1624 addends of the
-    /// changes (the transport checksum's pseudo-header changes by the same) and whether
-    /// there were any.
+    /// Writes the IPv4 source and destination addresses given (where they differ), and
+    /// with `decrement_ttl` the TTL less one (the caller has checked it is above 1), and
+    /// updates the header checksum once for all; returns the RFC 1624 addends of the
+    /// address changes (the transport checksum's pseudo-header changes by the same) and
+    /// whether there were any.
     #[inline]
-    fn swap_ipv4_addrs(&mut self, src: Option<u32>, dst: Option<u32>) -> (u32, bool) {
+    fn swap_ipv4_addrs(
+        &mut self,
+        src: Option<u32>,
+        dst: Option<u32>,
+        decrement_ttl: bool,
+    ) -> (u32, bool) {
         let l3 = self.layout.l3;
         let header: Option<&mut [u8; ipv4::MIN_HEADER_LEN]> = self
             .buf
@@ -256,10 +276,17 @@ impl<'a> FrameMut<'a> {
                 ip_changed = true;
             }
         }
-        if ip_changed {
+        let mut header_sum = ip_sum;
+        if decrement_ttl {
+            let ttl = h[ipv4::TTL];
+            let old = u16::from_be_bytes([ttl, h[ipv4::PROTO]]);
+            h[ipv4::TTL] = ttl.wrapping_sub(1);
+            header_sum += u32::from(!old) + u32::from(old.wrapping_sub(0x100));
+        }
+        if ip_changed || decrement_ttl {
             let c = ipv4::CHECKSUM;
             let cur = u16::from_be_bytes([h[c], h[c + 1]]);
-            let new = !checksum::fold(u32::from(!cur) + ip_sum);
+            let new = !checksum::fold(u32::from(!cur) + header_sum);
             h[c..c + 2].copy_from_slice(&new.to_be_bytes());
         }
         (ip_sum, ip_changed)
@@ -529,6 +556,51 @@ mod tests {
                         FrameMut::new(&mut b, layout).rewrite((new_src, new_port), (dst, 7));
                         assert_eq!(a, b, "v6 {v6} proto {p} csum {csum:#x}");
                     }
+                }
+            }
+        }
+    }
+
+    /// `forward_v4` (one header checksum update) writes what `decrement_ttl` then
+    /// `rewrite_v4` write, for every IPv4 header checksum value, with and without address
+    /// and port changes.
+    #[test]
+    fn forward_v4_equals_decrement_ttl_then_rewrite_v4() {
+        let layout = Layout {
+            l3: 14,
+            l4: 34,
+            end: 54,
+            ip_version: 4,
+            proto: proto::TCP,
+        };
+        let (old_src, old_dst) = (0x0a00_0001u32, 0x0a60_0005u32);
+        let changes: [((u32, u16), (u32, u16)); 4] = [
+            ((old_src, 40000), (old_dst, 80)),
+            ((old_src, 40000), (0x0af4_0309, 8080)),
+            ((0xffff_0000, 1), (0x0000_ffff, 0xffff)),
+            ((old_src, 40001), (old_dst ^ 0xffff, 80)),
+        ];
+        for ttl in [2u8, 3, 64, 255] {
+            for &(src, dst) in &changes {
+                let mut base = [0u8; 54];
+                base[14] = 0x45;
+                base[14 + ipv4::TTL] = ttl;
+                base[14 + ipv4::PROTO] = proto::TCP;
+                base[26..30].copy_from_slice(&old_src.to_be_bytes());
+                base[30..34].copy_from_slice(&old_dst.to_be_bytes());
+                base[34..36].copy_from_slice(&40000u16.to_be_bytes());
+                base[36..38].copy_from_slice(&80u16.to_be_bytes());
+                for csum in 0..=u16::MAX {
+                    let c = 14 + ipv4::CHECKSUM;
+                    base[c..c + 2].copy_from_slice(&csum.to_be_bytes());
+                    base[50..52].copy_from_slice(&csum.rotate_left(3).to_be_bytes());
+                    let mut a = base;
+                    let mut fa = FrameMut::new(&mut a, layout);
+                    assert!(fa.decrement_ttl());
+                    fa.rewrite_v4(src, dst);
+                    let mut b = base;
+                    FrameMut::new(&mut b, layout).forward_v4(src, dst);
+                    assert_eq!(a, b, "ttl {ttl} csum {csum:#x} {src:?} {dst:?}");
                 }
             }
         }

@@ -271,17 +271,19 @@ impl Worker {
         ingress: IfaceId,
         now_ns: u64,
         scratch: &mut [u8],
-        peeked: Option<Peeked>,
+        peeked: Option<&Peeked>,
     ) -> Option<Verdict> {
-        let (tuple, hash, frontend, lb_hash, candidate) = match peeked {
-            Some(p) => (p.tuple, p.hash, p.frontend, p.lb_hash, p.candidate),
+        // The new-flow hints (frontend, load-balancing hash) are read from `peeked` only
+        // on a miss: established frames do not pay for copying them.
+        let (tuple, hash, candidate) = match peeked {
+            Some(p) => (p.tuple, p.hash, p.candidate),
             None => {
                 let tuple = peek_v4(frame)?;
-                (tuple, self.conntrack.hash_v4(&tuple), None, None, None)
+                (tuple, self.conntrack.hash_v4(&tuple), None)
             }
         };
         let (layout, flags) = validate(frame, tuple.proto)?;
-        let Some((id, dir, out)) = self.conntrack.lookup_v4(&tuple, hash, candidate, now_ns) else {
+        let Some(hit) = self.conntrack.lookup_v4(&tuple, hash, candidate, now_ns) else {
             let key = FlowKey {
                 src: ip(tuple.src),
                 dst: ip(tuple.dst),
@@ -293,6 +295,7 @@ impl Worker {
                     L4Proto::Udp
                 },
             };
+            let (frontend, lb_hash) = peeked.map_or((None, None), |p| (p.frontend, p.lb_hash));
             let fe = frontend.unwrap_or_else(|| {
                 let h = frontend_hash_v4(tuple.dst, tuple.proto, tuple.dport);
                 t.services
@@ -302,17 +305,17 @@ impl Worker {
                 t, frame, layout, key, flags, fe, lb_hash, ingress, now_ns, scratch,
             ));
         };
+        let out = hit.out;
         // As `prepare_forward`: the route, then the TTL, before anything is written.
         let Some(hop) = t.node.next_hop_v4(out.dst) else {
             return Some(Verdict::Drop(DropReason::NoRoute));
         };
-        let mut f = FrameMut::new(frame, layout);
-        if !f.decrement_ttl() {
+        if frame.get(L3 + ipv4::TTL).is_none_or(|&ttl| ttl <= 1) {
             return Some(self.time_exceeded(t, frame, layout, ingress, now_ns, scratch));
         }
-        self.conntrack.on_packet(id, dir, flags, now_ns);
-        f.rewrite_v4((out.src, out.sport), (out.dst, out.dport));
-        let reason = match dir {
+        self.conntrack.on_packet_v4(&hit, flags);
+        FrameMut::new(frame, layout).forward_v4((out.src, out.sport), (out.dst, out.dport));
+        let reason = match hit.dir {
             Direction::Original => ForwardReason::Established,
             Direction::Reply => ForwardReason::Reply,
         };
