@@ -223,10 +223,10 @@ impl Worker {
     /// Every frame's conntrack index bucket, then the flow entries they point to. For
     /// fast-path frames the index shows certainly untracked (new flows), the chain the
     /// new-flow path walks is started too, one link per pass over the batch so that the
-    /// batch's cache misses overlap: the frontend slot, the service port, its Maglev
-    /// tables and endpoints, the Maglev slot, the reply tuple's conntrack bucket. What the
-    /// passes learn (tuple, hashes, frontend) is kept in `peeked` for the frames'
-    /// processing.
+    /// batch's cache misses overlap: the frontend slot, the service-port table entry, the
+    /// service port, its Maglev tables and endpoints, the Maglev slot, the reply tuple's
+    /// conntrack bucket. What the passes learn (tuple, hashes, frontend) is kept in
+    /// `peeked` for the frames' processing.
     #[inline]
     fn prefetch_flows(
         &self,
@@ -260,6 +260,9 @@ impl Worker {
         }
         for pk in peeked.iter_mut().take(n).flatten() {
             pk.find_frontend(&t.services);
+        }
+        for pk in peeked.iter().take(n).flatten() {
+            pk.prefetch_service_port(&t.services);
         }
         for pk in peeked.iter().take(n).flatten() {
             pk.prefetch_lb(&t.services);

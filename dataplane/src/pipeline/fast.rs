@@ -117,8 +117,9 @@ impl Peeked {
         self.frontend_hash = Some(h);
     }
 
-    /// Third pass: the frontend of a flow marked new, and the service port it names
-    /// prefetched.
+    /// Third pass: the frontend of a flow marked new, and the table entry pointing to the
+    /// service port it names prefetched (with thousands of services that array is itself
+    /// out of cache, so reading the pointer here would stall).
     #[inline]
     pub(super) fn find_frontend(&mut self, services: &ServiceTable) {
         let Some(h) = self.frontend_hash else {
@@ -127,12 +128,24 @@ impl Peeked {
         let t = &self.tuple;
         let fe = services.frontend_v4(h, t.dst, t.proto, t.dport);
         self.frontend = Some(fe);
-        let Some(fe) = fe else {
+        if let Some(fe) = fe {
+            let entry: *const Arc<ServicePort> = services.service_port_arc(fe.service_port);
+            prefetch(entry.cast::<u8>());
+        }
+    }
+
+    /// Fourth pass: the service port a found frontend names.
+    #[inline]
+    pub(super) fn prefetch_service_port(&self, services: &ServiceTable) {
+        let Some(Some(fe)) = self.frontend else {
             return;
         };
-        let sp: *const ServicePort = Arc::as_ptr(services.service_port_arc(fe.service_port));
-        for line in 0..core::mem::size_of::<ServicePort>().div_ceil(64) {
-            prefetch(sp.cast::<u8>().wrapping_add(line * 64));
+        let sp = Arc::as_ptr(services.service_port_arc(fe.service_port)).cast::<u8>();
+        // Every line the value touches: it need not start on a line boundary.
+        let skew = sp as usize % 64;
+        let first_line = sp.wrapping_sub(skew);
+        for line in 0..(skew + core::mem::size_of::<ServicePort>()).div_ceil(64) {
+            prefetch(first_line.wrapping_add(line * 64));
         }
     }
 
@@ -143,7 +156,7 @@ impl Peeked {
         Some(services.service_port(fe.service_port))
     }
 
-    /// Fourth pass: the Maglev tables' headers and the first endpoints.
+    /// Fifth pass: the Maglev tables' headers and the first endpoints.
     #[inline]
     pub(super) fn prefetch_lb(&self, services: &ServiceTable) {
         let Some(sp) = self.service_port(services) else {
@@ -156,7 +169,7 @@ impl Peeked {
         prefetch(eps.wrapping_add(64));
     }
 
-    /// Fifth pass: the Maglev slots the flow's hash picks.
+    /// Sixth pass: the Maglev slots the flow's hash picks.
     #[inline]
     pub(super) fn prefetch_slot(&mut self, services: &ServiceTable) {
         let Some(sp) = self.service_port(services) else {
@@ -172,7 +185,7 @@ impl Peeked {
         }
     }
 
-    /// Sixth pass: the conntrack bucket of the reply tuple the insert will check, for the
+    /// Seventh pass: the conntrack bucket of the reply tuple the insert will check, for the
     /// cluster-wide backend Maglev picks, both unmasqueraded and (when the node has an
     /// IPv4 address) with the first SNAT port the allocation tries. A guess for flows
     /// ClientIP affinity or a Local policy send elsewhere; a hint either way.
