@@ -130,6 +130,8 @@ struct Opts {
     memory_flows: u64,
     workers: Vec<u32>,
     sink_core: Option<usize>,
+    /// Record a `perf` CPU profile of both cores over every traffic window, here.
+    perf_dir: Option<PathBuf>,
     bin_dir: PathBuf,
     json_out: Option<PathBuf>,
     work_dir: Option<PathBuf>,
@@ -151,6 +153,8 @@ sidebyside [options]                      the side-by-side dataplane benchmark (
   --workers 1[,2]         kxp workers (default 1,2; 2: veths with 2 queues, --queues 0,1,
                           cores 1,0, at the first size only)
   --sink-core N           pin the sink's pktgen rx (default: not pinned)
+  --perf DIR              record `perf record -a -g` over every traffic window into
+                          DIR/<mode>-<services>-w<workers>-<label>.data (needs perf)
   --bin-dir DIR           where kxp, pktgen, xdp_fwd are (default target/release)
   --json FILE             write the results here
   --work-dir DIR          scratch files (default a new dir under /tmp)
@@ -172,6 +176,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         memory_flows: 1_000_000,
         workers: vec![1, 2],
         sink_core: None,
+        perf_dir: None,
         bin_dir: PathBuf::from("target/release"),
         json_out: None,
         work_dir: None,
@@ -242,6 +247,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
                     .collect::<Result<_, _>>()?
             }
             "--sink-core" => o.sink_core = Some(num(value(&mut i)?)? as usize),
+            "--perf" => o.perf_dir = Some(PathBuf::from(value(&mut i)?)),
             "--bin-dir" => o.bin_dir = PathBuf::from(value(&mut i)?),
             "--json" => o.json_out = Some(PathBuf::from(value(&mut i)?)),
             "--work-dir" => o.work_dir = Some(PathBuf::from(value(&mut i)?)),
@@ -1310,6 +1316,21 @@ fn run_traffic(
         Some(n) => c.args(["--count", &n.to_string()]),
         None => c.args(["--duration", &format!("{}", t.duration_s)]),
     };
+    // The profile covers the generator's window (a count-bounded run: its first 20 s).
+    let mut perf = match &opts.perf_dir {
+        Some(pd) => {
+            std::fs::create_dir_all(pd).map_err(|e| format!("{}: {e}", pd.display()))?;
+            let topo_name = dir.file_name().map_or(String::new(), |n| s(Path::new(n)));
+            let out = pd.join(format!("{topo_name}-{label}.data"));
+            let secs = t.count.map_or(t.duration_s, |_| 20.0);
+            let mut c = Command::new("perf");
+            c.args(["record", "-a", "-g", "-e", "cpu-clock", "-o", &s(&out), "--"])
+                .arg("sleep")
+                .arg(format!("{secs}"));
+            Some(Proc::spawn("perf record", c, dir.join(format!("{label}-perf.log")))?)
+        }
+        None => None,
+    };
     let node0 = node_pid.and_then(proc_cpu_ticks);
     let kids0 = children_ticks();
     let cpu0 = cpu_snap();
@@ -1357,6 +1378,12 @@ fn run_traffic(
     let cpu1 = cpu_snap();
     let kids1 = children_ticks();
     let node1 = node_pid.and_then(proc_cpu_ticks);
+    if let Some(p) = perf.as_mut() {
+        let st = p.wait(Duration::from_secs(60))?;
+        if !st.success() {
+            return Err(format!("perf record failed ({st}): {}", p.log_text()));
+        }
+    }
     if !status.success() {
         return Err(format!("pktgen tx failed ({status}): {}", tx.log_text()));
     }
