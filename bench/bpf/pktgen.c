@@ -3,7 +3,9 @@
 // The XDP side of the bench tools (bench/src/pktgen/bpf.rs mirrors every layout below):
 //
 //   kxpg_sink      `pktgen rx`: counts every frame arriving on the interface (per-CPU
-//                  counters), per destination address (per-CPU hash), copies the first
+//                  counters), per destination address (a per-CPU array indexed by the
+//                  address for IPv4 destinations in the window userspace configured,
+//                  the expected destination network; a per-CPU hash for the rest), copies the first
 //                  `sample_limit` frames to a ring buffer for checksum checks, and drops
 //                  everything: a sink never forwards.
 //   kxpg_redirect  `xdp_fwd`: every frame to the AF_XDP socket of its receive queue; a
@@ -72,6 +74,10 @@ enum stat {
 
 #define MAX_QUEUES 64
 #define MAX_DSTS 65536
+// IPv4 destinations counted by index (a /15): an array lookup costs the same at 10 and at
+// 30,000 destinations, where the hash's probes missed in cache on the node's core and
+// charged the harness's own bookkeeping to the system under test.
+#define DST_WINDOW 131072
 #define SAMPLE_MAX 2048
 
 struct {
@@ -96,7 +102,16 @@ struct {
 struct config {
 	__u32 sample_limit; // set by userspace before attaching
 	__u32 sampled;	    // slots claimed so far
+	__u32 win_base;	    // first IPv4 address of the destination window (host order)
+	__u32 win_len;	    // addresses in the window (at most DST_WINDOW; 0: no window)
 };
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DST_WINDOW);
+	__type(key, __u32);
+	__type(value, __u64);
+} dst_window SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -132,6 +147,20 @@ static __attribute__((always_inline)) inline void count(__u32 which, __u64 n)
 
 static __attribute__((always_inline)) inline void count_dst(struct addr *a)
 {
+	__u32 zero = 0;
+	struct config *c = bpf_map_lookup_elem(&config, &zero);
+	if (c && a->w[0] == 0 && a->w[1] == 0 && a->w[2] == 0xffff0000) {
+		__u32 be = a->w[3];
+		__u32 host = (be >> 24) | ((be >> 8) & 0xff00) | ((be << 8) & 0xff0000) | (be << 24);
+		__u32 i = host - c->win_base;
+		if (i < c->win_len && i < DST_WINDOW) {
+			__u64 *w = bpf_map_lookup_elem(&dst_window, &i);
+			if (w) {
+				*w += 1;
+				return;
+			}
+		}
+	}
 	__u64 *v = bpf_map_lookup_elem(&dsts, a);
 	if (v) {
 		*v += 1;

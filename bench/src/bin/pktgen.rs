@@ -517,7 +517,16 @@ fn rx(a: RxArgs) -> Result<(), String> {
     pin(a.core)?;
     let ifindex = bpf::ifindex(&a.iface).map_err(|e| e.to_string())?;
     let mut prog = Bpf::load().map_err(|e| e.to_string())?;
-    prog.set_sample_limit(a.sample).map_err(|e| e.to_string())?;
+    // The expected destination network, if IPv4, is counted by index (see pktgen.c).
+    let window = match a.expect_dst_net {
+        Some(IpNet::V4(n)) => Some((
+            u32::from(n.network()),
+            u32::try_from(1u64 << (32 - n.prefix_len())).unwrap_or(u32::MAX),
+        )),
+        _ => None,
+    };
+    prog.configure_sink(a.sample, window)
+        .map_err(|e| e.to_string())?;
     let mut samples = prog.sample_reader().map_err(|e| e.to_string())?;
     prog.attach(c"kxpg_sink", &a.iface, ifindex)
         .map_err(|e| e.to_string())?;

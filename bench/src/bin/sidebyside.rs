@@ -1324,10 +1324,23 @@ fn run_traffic(
             let out = pd.join(format!("{topo_name}-{label}.data"));
             let secs = t.count.map_or(t.duration_s, |_| 20.0);
             let mut c = Command::new("perf");
-            c.args(["record", "-a", "-g", "-e", "cpu-clock", "-o", &s(&out), "--"])
-                .arg("sleep")
-                .arg(format!("{secs}"));
-            Some(Proc::spawn("perf record", c, dir.join(format!("{label}-perf.log")))?)
+            c.args([
+                "record",
+                "-a",
+                "-g",
+                "-e",
+                "cpu-clock",
+                "-o",
+                &s(&out),
+                "--",
+            ])
+            .arg("sleep")
+            .arg(format!("{secs}"));
+            Some(Proc::spawn(
+                "perf record",
+                c,
+                dir.join(format!("{label}-perf.log")),
+            )?)
         }
         None => None,
     };

@@ -47,6 +47,8 @@ pub const MAX_SAMPLES: u32 = 256;
 pub const SAMPLE_MAX: usize = 2048;
 /// Queues the redirect program has sockets for (`MAX_QUEUES`).
 pub const MAX_QUEUES: u32 = 64;
+/// IPv4 destinations the sink counts by index rather than in its hash (`DST_WINDOW`).
+pub const DST_WINDOW: u32 = 131_072;
 
 pub type Stats = [u64; STAT_NAMES.len()];
 
@@ -75,6 +77,7 @@ pub struct Bpf {
     links: Vec<NonNull<bpf::bpf_link>>,
     stats_fd: RawFd,
     dsts_fd: RawFd,
+    window_fd: RawFd,
     config_fd: RawFd,
     samples_fd: RawFd,
     xsks_fd: RawFd,
@@ -96,6 +99,7 @@ impl Bpf {
             links: Vec::new(),
             stats_fd: -1,
             dsts_fd: -1,
+            window_fd: -1,
             config_fd: -1,
             samples_fd: -1,
             xsks_fd: -1,
@@ -123,6 +127,7 @@ impl Bpf {
         };
         me.stats_fd = map(c"stats")?;
         me.dsts_fd = map(c"dsts")?;
+        me.window_fd = map(c"dst_window")?;
         me.config_fd = map(c"config")?;
         me.samples_fd = map(c"samples")?;
         me.xsks_fd = map(c"xsks")?;
@@ -182,12 +187,16 @@ impl Bpf {
         Ok(out)
     }
 
-    /// Lets the sink copy the first `limit` frames it sees to the sample ring.
-    pub fn set_sample_limit(&self, limit: u32) -> io::Result<()> {
+    /// Configures the sink before it is attached: it copies the first `limit` frames it
+    /// sees to the sample ring, and counts IPv4 destinations in `window` (first address,
+    /// number of addresses; at most [`DST_WINDOW`] of them are used) by index instead of
+    /// in its hash.
+    pub fn configure_sink(&self, limit: u32, window: Option<(u32, u32)>) -> io::Result<()> {
         let key = 0u32;
-        let value = [limit.min(MAX_SAMPLES), 0u32];
+        let (base, len) = window.map_or((0, 0), |(b, n)| (b, n.min(DST_WINDOW)));
+        let value = [limit.min(MAX_SAMPLES), 0u32, base, len];
         // SAFETY: key and value point to live buffers of the map's key (u32) and value
-        // (struct config: two u32) sizes.
+        // (struct config: four u32) sizes.
         let rc = unsafe {
             bpf::bpf_map_update_elem(
                 self.config_fd,
@@ -197,7 +206,7 @@ impl Bpf {
             )
         };
         if rc < 0 {
-            return Err(ctx_err("set the sample limit", neg_err(rc)));
+            return Err(ctx_err("configure the sink", neg_err(rc)));
         }
         Ok(())
     }
@@ -268,7 +277,51 @@ impl Bpf {
                 break; // bounded even if the map changes under us
             }
         }
+        self.window_destinations(&mut out)?;
         Ok(out)
+    }
+
+    /// Appends the destinations the window counted (nonzero entries only).
+    fn window_destinations(&self, out: &mut Vec<([u8; 16], u64)>) -> io::Result<()> {
+        let key = 0u32;
+        let mut cfg = [0u32; 4];
+        // SAFETY: key is the map's u32 key; cfg is a buffer of its value size (four u32).
+        let rc = unsafe {
+            bpf::bpf_map_lookup_elem(
+                self.config_fd,
+                (&key as *const u32).cast(),
+                cfg.as_mut_ptr().cast(),
+            )
+        };
+        if rc < 0 {
+            return Err(ctx_err("read the sink's configuration", neg_err(rc)));
+        }
+        let (base, len) = (cfg[2], cfg[3].min(DST_WINDOW));
+        // One plain lookup per address (at most DST_WINDOW system calls, about a tenth of
+        // a second, once at the end of a run).
+        let mut vals = vec![0u64; self.cpus];
+        for k in 0..len {
+            // SAFETY: k is a u32 key; vals holds one u64 per possible CPU.
+            let rc = unsafe {
+                bpf::bpf_map_lookup_elem(
+                    self.window_fd,
+                    (&k as *const u32).cast(),
+                    vals.as_mut_ptr().cast(),
+                )
+            };
+            if rc < 0 {
+                return Err(ctx_err("read the destination window", neg_err(rc)));
+            }
+            let frames: u64 = vals.iter().sum();
+            if frames > 0 {
+                let mut a = [0u8; 16];
+                a[10] = 0xff;
+                a[11] = 0xff;
+                a[12..].copy_from_slice(&base.wrapping_add(k).to_be_bytes());
+                out.push((a, frames));
+            }
+        }
+        Ok(())
     }
 
     /// A reader of the sample ring.
