@@ -271,6 +271,16 @@ pub struct Loc {
     fp: u32,
 }
 
+/// One bucket's first line as [`Part::scan`] read it.
+#[derive(Debug, Clone, Copy)]
+struct Scan {
+    states: [u32; WAYS],
+    /// Bit `j`: way `j` is free.
+    free: u32,
+    /// Bit `j`: way `j` is valid and its fingerprint matched.
+    matches: u32,
+}
+
 #[inline]
 fn prefetch(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
@@ -377,29 +387,44 @@ impl<L: Layout> Part<L> {
         }
     }
 
+    /// Reads bucket `b`'s first line once, without a branch per way: the states, which
+    /// ways are free, and which are valid with fingerprint `fp`. (Branching on every way,
+    /// as the first version did, mispredicted several times per bucket: half the cost of
+    /// an insert and a removal, cache-resident.)
+    #[inline]
+    fn scan(&self, b: u32, fp: u32) -> Scan {
+        let bk = self.bucket(b);
+        let mut sc = Scan {
+            states: [0; WAYS],
+            free: 0,
+            matches: 0,
+        };
+        for j in 0..WAYS {
+            let s = bk.state[j].load(Ordering::Acquire);
+            let f = bk.fp[j].load(Ordering::Relaxed);
+            sc.states[j] = s;
+            sc.free |= u32::from(s & TAG_MASK == TAG_FREE) << j;
+            sc.matches |= u32::from((s & TAG_MASK == TAG_VALID) & (f == fp)) << j;
+        }
+        sc
+    }
+
     #[inline]
     fn prefetch_slots(&self, l: &Loc) {
-        let mut best: Option<(usize, u32, usize)> = None;
-        for b in l.homes {
+        let scans = l.homes.map(|b| self.scan(b, l.fp));
+        for (sc, &b) in scans.iter().zip(&l.homes) {
             let bk = self.bucket(b);
-            let mut free = 0;
-            let mut first_free = None;
-            for j in 0..WAYS {
-                let s = bk.state[j].load(Ordering::Relaxed) & TAG_MASK;
-                if s == TAG_FREE {
-                    free += 1;
-                    first_free.get_or_insert(j);
-                } else if s == TAG_VALID && bk.fp[j].load(Ordering::Relaxed) == l.fp {
-                    prefetch(&bk.slots[j] as *const L::Slot as *const u8);
-                }
-            }
-            if let Some(j) = first_free {
-                if best.is_none_or(|(f, _, _)| free > f) {
-                    best = Some((free, b, j));
-                }
+            let mut m = sc.matches;
+            while m != 0 {
+                prefetch(&bk.slots[m.trailing_zeros() as usize] as *const L::Slot as *const u8);
+                m &= m - 1;
             }
         }
-        if let Some((_, b, j)) = best {
+        // Where an insert would write: the first free way of the emptier bucket.
+        let i = usize::from(scans[1].free.count_ones() > scans[0].free.count_ones());
+        let (sc, b) = (&scans[i], l.homes[i]);
+        if sc.free != 0 {
+            let j = sc.free.trailing_zeros() as usize;
             prefetch(&self.bucket(b).slots[j] as *const L::Slot as *const u8);
         }
     }
@@ -407,20 +432,29 @@ impl<L: Layout> Part<L> {
     /// The slot of bucket `b` holding `w` (fingerprint `fp`), valid, and its state.
     #[inline]
     fn find_in(&self, b: u32, fp: u32, w: &Words) -> Option<(usize, u32)> {
+        self.find_scanned(b, &self.scan(b, fp), w)
+    }
+
+    /// [`Part::find_in`] of a bucket already scanned.
+    #[inline]
+    fn find_scanned(&self, b: u32, sc: &Scan, w: &Words) -> Option<(usize, u32)> {
         let bk = self.bucket(b);
-        (0..WAYS).find_map(|j| {
-            let s = bk.state[j].load(Ordering::Acquire);
-            (s & TAG_MASK == TAG_VALID
-                && bk.fp[j].load(Ordering::Relaxed) == fp
-                && L::holds(&bk.slots[j], w))
-            .then_some((j, s))
-        })
+        let mut m = sc.matches;
+        while m != 0 {
+            let j = m.trailing_zeros() as usize;
+            if L::holds(&bk.slots[j], w) {
+                return Some((j, sc.states[j]));
+            }
+            m &= m - 1;
+        }
+        None
     }
 
     fn insert_at(&self, l: &Loc, owner: u32) -> Inserted {
         let (w, homes, fp) = (&l.w, l.homes, l.fp);
-        for &b in &homes {
-            if let Some((j, s)) = self.find_in(b, fp, w) {
+        let scans = homes.map(|b| self.scan(b, fp));
+        for (sc, &b) in scans.iter().zip(&homes) {
+            if let Some((j, s)) = self.find_scanned(b, sc, w) {
                 let at = b * WAYS as u32 + j as u32;
                 if L::owner(&self.bucket(b).slots[j]) == owner {
                     return Inserted::Existing(SlotRef { slot: at, state: s });
@@ -435,27 +469,17 @@ impl<L: Layout> Part<L> {
                 }
             }
         }
-        let free = |b: u32| {
-            let bk = self.bucket(b);
-            bk.state
-                .iter()
-                .filter(|s| s.load(Ordering::Relaxed) & TAG_MASK == TAG_FREE)
-                .count()
-        };
-        let order = if free(homes[1]) > free(homes[0]) {
-            [homes[1], homes[0]]
-        } else {
-            homes
-        };
-        for b in order {
-            let bk = self.bucket(b);
-            for j in 0..WAYS {
-                let s = bk.state[j].load(Ordering::Relaxed);
-                if s & TAG_MASK != TAG_FREE {
-                    continue;
-                }
+        // The emptier bucket first; a way another writer claimed since the scan fails its
+        // compare-and-swap and the next free one is tried.
+        let first = usize::from(scans[1].free.count_ones() > scans[0].free.count_ones());
+        for i in [first, 1 - first] {
+            let (sc, b) = (&scans[i], homes[i]);
+            let mut m = sc.free;
+            while m != 0 {
+                let j = m.trailing_zeros() as usize;
+                m &= m - 1;
                 let at = b * WAYS as u32 + j as u32;
-                if let Some(r) = self.rewrite(at, s, |bk, sl| {
+                if let Some(r) = self.rewrite(at, sc.states[j], |bk, sl| {
                     L::write(sl, w, owner);
                     bk.fp[j].store(fp, Ordering::Relaxed);
                     TAG_VALID
