@@ -364,8 +364,9 @@ struct Port {
 #[derive(Debug, Clone, Copy)]
 struct NewFlow {
     reply: FlowKey,
-    reply_key: Option<TupleKey>,
-    orig: Option<TupleKey>,
+    /// Whether the reply tuple goes in the table (not when replies come back by SNAT port).
+    reply_steered: bool,
+    orig: Option<FlowKey>,
 }
 
 impl Default for NewFlow {
@@ -378,7 +379,7 @@ impl Default for NewFlow {
                 dport: 0,
                 proto: crate::flow::L4Proto::Udp,
             },
-            reply_key: None,
+            reply_steered: false,
             orig: None,
         }
     }
@@ -465,10 +466,10 @@ impl ReplySteer {
             && (self.snat.0..=self.snat.1).contains(&reply.dport);
         let flow = NewFlow {
             reply,
-            reply_key: (!by_port).then(|| TupleKey::of(&reply)),
-            orig: orig.map(|o| TupleKey::of(&o)),
+            reply_steered: !by_port,
+            orig,
         };
-        if (flow.reply_key.is_some() || flow.orig.is_some()) && self.new_len < BATCH_SIZE {
+        if (flow.reply_steered || flow.orig.is_some()) && self.new_len < BATCH_SIZE {
             self.new_flows[self.new_len] = flow;
             self.new_len += 1;
         }
@@ -506,12 +507,9 @@ impl ReplySteer {
         worker.conntrack.drain_removed(|orig, reply| {
             let by_port =
                 t.node.is_node_address(&reply.dst) && (snat.0..=snat.1).contains(&reply.dport);
-            let keys = [
-                (!by_port).then(|| TupleKey::of(reply)),
-                Some(TupleKey::of(orig)),
-            ];
-            for k in keys.iter().flatten() {
-                gone[gone_len] = table.locate(k);
+            let keys = [(!by_port).then_some(reply), Some(orig)];
+            for k in keys.into_iter().flatten() {
+                gone[gone_len] = table.locate_flow(k);
                 gone_len += 1;
                 if gone_len == gone.len() {
                     free(&gone[..], c);
@@ -524,7 +522,8 @@ impl ReplySteer {
         self.new_len = 0;
         let mut locs = [[None::<Loc>; 2]; BATCH_SIZE];
         for (l, f) in locs.iter_mut().zip(&self.new_flows[..n]) {
-            *l = [f.reply_key, f.orig].map(|k| k.map(|k| self.table.locate(&k)));
+            *l = [f.reply_steered.then_some(f.reply), f.orig]
+                .map(|k| k.map(|k| self.table.locate_flow(&k)));
         }
         for l in locs[..n].iter().flatten().flatten() {
             self.table.prefetch_buckets(l);
@@ -534,12 +533,15 @@ impl ReplySteer {
         }
         for (i, [reply_loc, orig_loc]) in locs[..n].iter().enumerate() {
             let f = self.new_flows[i];
-            let reply_left = reply_loc.filter(|l| !self.put(l, c)).and(f.reply_key);
-            let orig_left = orig_loc.filter(|l| !self.put(l, c)).and(f.orig);
-            if reply_left.is_some() || orig_left.is_some() {
+            let reply_left = reply_loc.filter(|l| !self.put(l, c)).is_some();
+            let orig_left = orig_loc
+                .filter(|l| !self.put(l, c))
+                .and(f.orig)
+                .map(|o| TupleKey::of(&o));
+            if reply_left || orig_left.is_some() {
                 self.queue_for_lru(Tracked {
                     reply: f.reply,
-                    reply_in_map: reply_left.is_some(),
+                    reply_in_map: reply_left,
                     orig: orig_left,
                 });
             }

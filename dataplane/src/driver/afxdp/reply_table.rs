@@ -41,6 +41,8 @@ use std::os::fd::RawFd;
 use std::ptr::NonNull;
 
 use super::steer::TupleKey;
+use crate::flow::FlowKey;
+use core::net::IpAddr;
 
 /// Slots per bucket (`REPLY_WAYS` in steer.c).
 pub const WAYS: usize = 8;
@@ -263,7 +265,7 @@ pub fn bucket_of(h: u64, i: usize, buckets: u32) -> u32 {
 }
 
 /// A tuple, hashed: its words and family, its two buckets and its fingerprint.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Loc {
     w: Words,
     v4: bool,
@@ -658,6 +660,30 @@ impl ReplyTable {
         Loc { w, v4, homes, fp }
     }
 
+    /// [`ReplyTable::locate`] of `TupleKey::of(k)`, without building the 40-byte key when
+    /// both addresses are IPv4 (what every new IPv4 flow's commit and removal asks).
+    #[inline]
+    pub fn locate_flow(&self, k: &FlowKey) -> Loc {
+        let (IpAddr::V4(src), IpAddr::V4(dst)) = (k.src, k.dst) else {
+            return self.locate(&TupleKey::of(k));
+        };
+        let (s, d) = (k.sport.to_be_bytes(), k.dport.to_be_bytes());
+        let mut w = [0; 10];
+        w[..4].copy_from_slice(&[
+            u32::from_ne_bytes(src.octets()),
+            u32::from_ne_bytes(dst.octets()),
+            u32::from_ne_bytes([s[0], s[1], d[0], d[1]]),
+            u32::from(k.proto as u8),
+        ]);
+        let (homes, fp) = self.v4.homes(&w, self.seed);
+        Loc {
+            w,
+            v4: true,
+            homes,
+            fp,
+        }
+    }
+
     /// First prefetch pass: the first line (states, fingerprints) of both buckets.
     #[inline]
     pub fn prefetch_buckets(&self, l: &Loc) {
@@ -779,6 +805,34 @@ mod tests {
     use std::collections::VecDeque;
 
     const B: ReplyBuckets = ReplyBuckets { v4: 16, v6: 16 };
+
+    #[test]
+    fn locate_flow_is_locate_of_the_tuple_key() {
+        let t = ReplyTable::anonymous(B, 0x1234_5678);
+        let v4 = |a: u32| IpAddr::from(Ipv4Addr::from(a));
+        let v6 = |a: u128| IpAddr::from(Ipv6Addr::from(a));
+        let mapped = |a: u32| v6(0xffff_0000_0000 | u128::from(a));
+        let cases = [
+            (v4(0x0af4_0001), v4(0x0a60_0001)),
+            (v4(0xffff_ffff), v4(0)),
+            (v6(0xfd00 << 112 | 1), v6(0xfd00 << 112 | 2)),
+            (mapped(0x0af4_0001), mapped(0x0a60_0001)),
+            (v4(0x0af4_0001), mapped(0x0a60_0001)),
+            (v4(0x0af4_0001), v6(0xfd00 << 112 | 2)),
+        ];
+        for (n, (src, dst)) in cases.into_iter().enumerate() {
+            for proto in [L4Proto::Tcp, L4Proto::Udp] {
+                let k = FlowKey {
+                    src,
+                    dst,
+                    sport: 40_000 + n as u16,
+                    dport: 0x1f90 ^ n as u16,
+                    proto,
+                };
+                assert_eq!(t.locate_flow(&k), t.locate(&TupleKey::of(&k)), "{k:?}");
+            }
+        }
+    }
 
     #[test]
     fn layouts_match_steer_c() {
