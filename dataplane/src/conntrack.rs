@@ -936,7 +936,18 @@ impl Index {
             let Some(bucket) = self.buckets_mut().get_mut(b) else {
                 return;
             };
-            let hit = (0..WAYS).find(|&w| bucket.tags[w] == tag && bucket.vals[w] == val);
+            // The tag match is one word-parallel compare (as in `find`): a loop comparing
+            // way by way mispredicted at the match, wherever it was.
+            let mut m = bucket.matches(tag);
+            let mut hit = None;
+            while m != 0 {
+                let w = way_of(m.trailing_zeros());
+                m &= m - 1;
+                if bucket.vals.get(w) == Some(&val) {
+                    hit = Some(w);
+                    break;
+                }
+            }
             if let Some(w) = hit {
                 bucket.tags[w] = 0;
                 let mut c = home;
@@ -1251,6 +1262,54 @@ impl<A: Addr> Table<A> {
         }
     }
 
+    /// Prefetch pass for a full table (hints only): the slab entries the eviction clock
+    /// hand looks at next, as many as `n` evictions take when every one qualifies (a
+    /// new-flow flood: each is the next unestablished flow).
+    #[inline]
+    fn prefetch_victims(&self, n: usize) {
+        let cap = self.capacity();
+        if n == 0 || self.len < cap {
+            return;
+        }
+        let start = self.evict_hand % cap;
+        for k in 0..n.min(cap) {
+            prefetch(self.slab.as_ptr().wrapping_add((start + k) % cap));
+        }
+    }
+
+    /// The pass after [`Table::prefetch_victims`]: the home index buckets of both tuples
+    /// of the next `n` flows [`Table::make_room`] would pick (expired or not established,
+    /// from the hand on, looking at most `2 n` slots), which their removal unlinks.
+    #[inline]
+    fn prefetch_victim_buckets(&self, n: usize, now_s: u32) {
+        let cap = self.capacity();
+        if n == 0 || self.len < cap {
+            return;
+        }
+        let start = self.evict_hand % cap;
+        let mut found = 0;
+        for k in 0..(2 * n).min(cap) {
+            if found == n {
+                break;
+            }
+            let Some(e) = self.slab.get((start + k) % cap) else {
+                break;
+            };
+            if e.is_free() || !(e.is_expired(now_s) || e.is_unestablished()) {
+                continue;
+            }
+            for h in [
+                e.orig_tuple().hash(self.seed),
+                e.reply_tuple().hash(self.seed),
+            ] {
+                if let Some(p) = self.index.home_ptr(h) {
+                    prefetch(p);
+                }
+            }
+            found += 1;
+        }
+    }
+
     /// Frees one slot by the eviction policy; false if nothing qualifies.
     fn make_room(&mut self, scan: usize, now_s: u32, stats: &mut ConntrackStats) -> bool {
         let cap = self.capacity();
@@ -1259,34 +1318,34 @@ impl<A: Addr> Table<A> {
         }
         let scan = scan.min(cap);
         let start = self.evict_hand % cap;
+        let next = |slot: usize| if slot + 1 == cap { 0 } else { slot + 1 };
+        // Slots are stepped, not computed with `%` per slot: under a new-flow flood every
+        // insert evicts, and a division per scanned slot was a fifth of the eviction.
         let mut candidate = None;
-        for k in 0..scan {
-            let slot = (start + k) % cap;
-            let Some(e) = self.slab.get(slot) else {
-                continue;
-            };
-            if e.is_free() {
-                continue;
+        let mut slot = start;
+        for _ in 0..scan {
+            if let Some(e) = self.slab.get(slot) {
+                if e.is_expired(now_s) {
+                    self.remove(slot as u32);
+                    stats.expired += 1;
+                    self.evict_hand = next(slot);
+                    return true;
+                }
+                if candidate.is_none() && !e.is_free() && e.is_unestablished() {
+                    candidate = Some(slot);
+                }
             }
-            if e.is_expired(now_s) {
-                self.remove(slot as u32);
-                stats.expired += 1;
-                self.evict_hand = (slot + 1) % cap;
-                return true;
-            }
-            if candidate.is_none() && e.is_unestablished() {
-                candidate = Some(slot);
-            }
+            slot = next(slot);
         }
         match candidate {
-            Some(slot) => {
-                self.remove(slot as u32);
+            Some(victim) => {
+                self.remove(victim as u32);
                 stats.evicted_early += 1;
-                self.evict_hand = (slot + 1) % cap;
+                self.evict_hand = next(victim);
                 true
             }
             None => {
-                self.evict_hand = (start + scan) % cap;
+                self.evict_hand = slot;
                 false
             }
         }
@@ -1575,6 +1634,20 @@ impl Conntrack {
     #[inline]
     pub(crate) fn prefetch_flow_v4(&self, hash: u64) -> (bool, Option<u32>) {
         self.v4.prefetch_entry(hash)
+    }
+
+    /// Prefetch pass of a batch with `n` new IPv4 flows: if the IPv4 table is full, the
+    /// slab entries its eviction will look at (hints only).
+    #[inline]
+    pub(crate) fn prefetch_victims_v4(&self, n: usize) {
+        self.v4.prefetch_victims(n);
+    }
+
+    /// The pass after [`Conntrack::prefetch_victims_v4`]: the index buckets the evictions
+    /// will unlink (hints only).
+    #[inline]
+    pub(crate) fn prefetch_victim_buckets_v4(&self, n: usize, now_ns: u64) {
+        self.v4.prefetch_victim_buckets(n, self.peek_now_s(now_ns));
     }
 
     /// The index hash of an IPv4 tuple (what [`Conntrack::lookup_v4`] and

@@ -209,7 +209,7 @@ impl Worker {
             let end = n.min(start + BATCH_SIZE);
             let batch = frames.get_mut(start..end).unwrap_or_default();
             let mut peeked = [None; BATCH_SIZE];
-            self.prefetch_flows(tables, batch, &mut peeked);
+            self.prefetch_flows(tables, batch, now_ns, &mut peeked);
             for (k, (frame, &iface)) in batch.iter_mut().zip(&ingress[start..end]).enumerate() {
                 let v =
                     self.process_peeked(tables, frame, iface, now_ns, scratch, peeked[k].as_ref());
@@ -225,13 +225,16 @@ impl Worker {
     /// new-flow path walks is started too, one link per pass over the batch so that the
     /// batch's cache misses overlap: the frontend slot, the service-port table entry, the
     /// service port, its Maglev tables and endpoints, the Maglev slot, the reply tuple's
-    /// conntrack bucket. What the passes learn (tuple, hashes, frontend) is kept in
-    /// `peeked` for the frames' processing.
+    /// conntrack bucket; and when the conntrack table is full, the flows its inserts will
+    /// evict: their slab entries, then the index buckets their removal unlinks. What the
+    /// passes learn (tuple, hashes, frontend) is kept in `peeked` for the frames'
+    /// processing.
     #[inline]
     fn prefetch_flows(
         &self,
         t: &Tables,
         frames: &[&mut [u8]],
+        now_ns: u64,
         peeked: &mut [Option<fast::Peeked>; BATCH_SIZE],
     ) {
         let n = frames.len().min(BATCH_SIZE);
@@ -246,18 +249,19 @@ impl Worker {
             }
             *h = crate::parse::peek_key(frame).and_then(|k| self.conntrack.prefetch_bucket(&k));
         }
-        let mut any_new = false;
+        let mut new_flows = 0;
         for (h, p) in hashes.iter().zip(peeked.iter_mut()).take(n) {
             if let Some(pk) = p.as_mut() {
                 pk.prefetch_flow(&self.conntrack, &t.services);
-                any_new |= pk.is_new();
+                new_flows += usize::from(pk.is_new());
             } else if let Some(h) = h {
                 self.conntrack.prefetch_flow(*h);
             }
         }
-        if !any_new {
+        if new_flows == 0 {
             return;
         }
+        self.conntrack.prefetch_victims_v4(new_flows);
         for pk in peeked.iter_mut().take(n).flatten() {
             pk.find_frontend(&t.services);
         }
@@ -267,6 +271,7 @@ impl Worker {
         for pk in peeked.iter().take(n).flatten() {
             pk.prefetch_lb(&t.services);
         }
+        self.conntrack.prefetch_victim_buckets_v4(new_flows, now_ns);
         for pk in peeked.iter_mut().take(n).flatten() {
             pk.prefetch_slot(&t.services);
         }

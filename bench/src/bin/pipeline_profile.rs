@@ -2,8 +2,14 @@
 //! --tool=callgrind`):
 //!
 //! ```text
-//! pipeline_profile <services> <established|new_flow> <batches> [tracked flows] [capacity] [process|batch]
+//! pipeline_profile <services> <established|new_flow|new_flow_evict> <batches> [tracked flows] [capacity] [process|batch]
 //! ```
+//!
+//! `new_flow_evict`: every frame a new flow into a *full* table, as under a new-flow flood
+//! on a live node: no flows are established first (`tracked` is ignored), the first
+//! `capacity` new flows fill the table (untimed), and from then on every insert evicts
+//! the oldest unestablished flow. The frame set holds `2 capacity` flows, so a flow seen
+//! again was evicted long before.
 //!
 //! Sets up like `benches/pipeline.rs` (tracked flows default 1,000,000, conntrack capacity
 //! default 2 Mi; a small capacity and few flows give a cache-resident run), runs `batches` batches of 64 frames and prints the rate (new flows are purged,
@@ -20,7 +26,7 @@ use kxp_dataplane::pipeline::{Worker, BATCH_SIZE};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let usage =
-        "usage: pipeline_profile <services> <established|new_flow> <batches> [tracked] [capacity] \
+        "usage: pipeline_profile <services> <established|new_flow|new_flow_evict> <batches> [tracked] [capacity] \
          [process|batch]";
     let services: usize = args.get(1).and_then(|s| s.parse().ok()).expect(usage);
     let mode = args.get(2).expect(usage).clone();
@@ -32,23 +38,41 @@ fn main() {
         Some("batch") => true,
         _ => panic!("{usage}"),
     };
-    let pool: u64 = (1 << 19).min(capacity as u64 - tracked);
+    let evict = mode == "new_flow_evict";
+    let tracked = if evict { 0 } else { tracked };
+    let pool: u64 = if evict {
+        2 * capacity as u64
+    } else {
+        (1 << 19).min(capacity as u64 - tracked)
+    };
 
     let cluster = Cluster::build(ClusterSpec::with_services(services));
     let mut worker = Worker::new(worker_config(capacity));
     let t = Instant::now();
-    let established = establish(&mut worker, &cluster, 0..tracked, T0_NS);
+    let established = (!evict).then(|| establish(&mut worker, &cluster, 0..tracked, T0_NS));
     eprintln!(
         "{tracked} flows opened in {:.2?} (conntrack index on huge pages: {})",
         t.elapsed(),
         worker.conntrack.index_on_huge_pages()
     );
     let set = match mode.as_str() {
-        "established" => established,
-        "new_flow" => first_packets(&cluster, tracked..tracked + pool),
+        "established" => established.expect("established flows were opened"),
+        "new_flow" | "new_flow_evict" => first_packets(&cluster, tracked..tracked + pool),
         _ => panic!("{usage}"),
     };
     let mut runner = Runner::new(T0_NS);
+    if evict {
+        // Fill the table (untimed); bounded by the set's own size.
+        let mut fill = 0;
+        while worker.conntrack.len() < capacity && fill < set.len() / BATCH_SIZE {
+            runner.batch_prefetch(&mut worker, &cluster.tables, &set);
+            fill += 1;
+        }
+        eprintln!(
+            "table filled: {} of {capacity} flows after {fill} batches",
+            worker.conntrack.len()
+        );
+    }
     let mut timed = Duration::ZERO;
     let mut cpu = Duration::ZERO;
     let mut done = 0;
@@ -86,5 +110,13 @@ fn main() {
         cpu.as_nanos() as f64 / frames as f64,
         frames as f64 / cpu.as_secs_f64() / 1e6,
         worker.counters.dropped.iter().sum::<u64>(),
+    );
+    let st = worker.conntrack.stats();
+    eprintln!(
+        "conntrack: {} flows, evicted {}, expired {}, full {}",
+        worker.conntrack.len(),
+        st.evicted_early,
+        st.expired,
+        st.full
     );
 }
